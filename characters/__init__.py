@@ -1,0 +1,1 @@
+"""Troupe's bundled characters: one character per ``*.py`` file; ``resources/`` holds helpers."""

@@ -1,0 +1,1 @@
+"""Helper data shared by the bundled characters; nothing in here is a character."""

@@ -1,0 +1,159 @@
+"""The sandbox child: one interpreter holding one session's characters.
+
+Started by the host through ``multiprocessing`` (forkserver, with this module
+preloaded), it contains itself (``containment.enter``), then serves requests from its
+channel one at a time until the channel closes:
+
+    Load         → Progress(file) before each file … Loaded(characters, errors)
+    ListCharacters → Listed        SystemPrompt → Prompt     GetTools → Tools
+    CallTool     → ToolResult      Ping → Pong               anything failing → Failed
+
+Keep this module's imports small: the fork server imports it once and every child
+starts from that copy.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from . import containment, loader, wire
+from .config import ChildLimits
+
+_SHIMS = str(Path(__file__).with_name("shims"))
+
+
+class Child:
+    """Request handlers; state is the loaded characters, by name."""
+
+    def __init__(self, fd: int, output: containment.CappedOutput, isolated: bool) -> None:
+        self.fd = fd
+        self.output = output
+        self.isolated = isolated
+        self.characters: dict[str, loader.Character] = {}
+        self.loaded = False
+
+    def serve(self) -> None:
+        while (frame := wire.read_frame(self.fd)) is not None:
+            request = wire.decode_request(frame)
+            try:
+                reply = self.handle(request)
+            except BaseException as exc:  # character code may raise anything
+                text, _ = self.output.take()
+                reply = wire.Failed(
+                    id=request.id,
+                    error_type=getattr(exc, "error_type", type(exc).__name__),
+                    message=str(exc) or repr(exc),
+                    traceback=traceback.format_exc(limit=8),
+                    output=text,
+                )
+            wire.write_frame(self.fd, reply)
+
+    def handle(self, request: wire.Request) -> wire.Reply:
+        match request:
+            case wire.Load(id, directory, exclude, max_characters):
+                return self.load(id, Path(directory), set(exclude), max_characters)
+            case wire.ListCharacters(id):
+                return wire.Listed(id=id, characters=[c.info for c in self.characters.values()])
+            case wire.SystemPrompt(id, name):
+                text = self.character(name).generator.make_system_prompt()
+                if not isinstance(text, str):
+                    raise TypeError(f"make_system_prompt() returned {type(text).__name__}, not str")
+                return wire.Prompt(id=id, text=text, output=self.output.take()[0])
+            case wire.GetTools(id, name):
+                return wire.Tools(id=id, tools=self.character(name).tools)
+            case wire.CallTool(id, name, tool, arguments):
+                return wire.ToolResult(id=id, result=self.call_tool(name, tool, arguments),
+                                       output=self.output.take()[0])
+            case wire.Ping(id):
+                return wire.Pong(id=id, pid=os.getpid())
+
+    def character(self, name: str) -> loader.Character:
+        try:
+            return self.characters[name]
+        except KeyError:
+            raise LookupError(f"no character named {name!r} in this sandbox") from None
+
+    def call_tool(self, name: str, tool: str, arguments: dict[str, Any]) -> str:
+        character = self.character(name)
+        if tool not in character.info.tool_names:
+            raise LookupError(f"{name!r} has no tool named {tool!r}")
+        result = character.generator.handle_tool_call(tool, arguments)
+        if not isinstance(result, str):
+            raise TypeError(f"handle_tool_call() returned {type(result).__name__}, not str")
+        return result
+
+    def load(self, id: int, directory: Path, exclude: set[str], max_characters: int) -> wire.Reply:
+        if self.loaded:
+            raise RuntimeError("this sandbox already holds a directory; start a new one")
+        self.loaded = True
+        files = loader.character_files(directory)
+        if len(files) > max_characters:
+            raise loader.CharacterError(
+                "TooManyCharacters",
+                f"{directory} holds {len(files)} character files; the limit is {max_characters}",
+            )
+        wire.write_frame(self.fd, wire.Progress(id=id, file="__init__.py"))
+        try:
+            loader.import_package(directory)
+        except loader.PackageError as exc:
+            raise loader.CharacterError("PackageError", str(exc)) from None
+        errors: list[wire.FileError] = []
+        for path in files:
+            if path.name in exclude:
+                continue
+            wire.write_frame(self.fd, wire.Progress(id=id, file=path.name))
+            error = self._load_one(path)
+            if error is not None:
+                errors.append(wire.FileError(file=path.name, error_type=error[0], message=error[1]))
+        gc.collect()
+        return wire.Loaded(
+            id=id,
+            directory=str(directory),
+            total_files=len(files),
+            characters=[c.info for c in self.characters.values()],
+            errors=errors,
+            output=self.output.take()[0],
+        )
+
+    def _load_one(self, path: Path) -> tuple[str, str] | None:
+        try:
+            character = loader.load_file(path)
+        except BaseException as exc:  # character code may raise anything, SystemExit too
+            if self.output.take()[1]:
+                return "OutputLimitExceeded", "the file wrote too much to stdout/stderr"
+            return loader.describe(exc)
+        if self.output.take()[1]:
+            return "OutputLimitExceeded", "the file wrote too much to stdout/stderr"
+        name = character.info.name
+        if name in self.characters:
+            first = self.characters[name].info.file
+            return "DuplicateName", f"{name!r} is already defined by {first}, which wins"
+        self.characters[name] = character
+        return None
+
+
+def main(conn: Connection, encoded_limits: bytes) -> None:
+    """Process target: contain, announce readiness with a Pong, then serve."""
+    limits = msgspec.msgpack.decode(encoded_limits, type=ChildLimits)
+    fd = conn.fileno()
+    parent = multiprocessing.parent_process()
+    sentinel = parent.sentinel if parent is not None else None
+    isolated = containment.enter(limits, sentinel, keep_fds={fd})
+    os.environ["TROUPE_LLM_NAME"] = limits.llm_name
+    output = containment.CappedOutput(limits.output_bytes)
+    sys.stdout = sys.stderr = output
+    sys.path.insert(0, _SHIMS)
+    sys.dont_write_bytecode = True
+    child = Child(fd, output, isolated)
+    wire.write_frame(fd, wire.Pong(id=0, pid=os.getpid()))
+    child.serve()
+    os._exit(0)

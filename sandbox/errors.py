@@ -1,0 +1,44 @@
+"""Errors the host side of the sandbox raises.
+
+    SandboxError
+    ├── SandboxCrashed     the child died or broke the protocol during a call
+    ├── SandboxTimeout     a call or a whole load missed its deadline
+    ├── LoadFailed         the directory as a whole could not be loaded
+    └── CallFailed         character code raised; the child is fine
+
+After ``SandboxCrashed`` and ``SandboxTimeout`` the sandbox has already been restarted
+on the same directory, so the caller may go on using it.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """Base of every sandbox failure; ``error_type`` is a short machine name."""
+
+    error_type = "SandboxError"
+
+    def __init__(self, message: str, error_type: str | None = None) -> None:
+        super().__init__(message)
+        if error_type is not None:
+            self.error_type = error_type
+
+
+class SandboxCrashed(SandboxError):
+    error_type = "Crashed"
+
+
+class SandboxTimeout(SandboxError):
+    error_type = "Timeout"
+
+
+class LoadFailed(SandboxError):
+    error_type = "LoadFailed"
+
+
+class CallFailed(SandboxError):
+    """Character code raised ``error_type``; ``traceback`` is the child's, formatted."""
+
+    def __init__(self, message: str, error_type: str, traceback: str = "") -> None:
+        super().__init__(message, error_type)
+        self.traceback = traceback

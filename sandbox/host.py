@@ -1,0 +1,253 @@
+"""One session's sandbox, as the server sees it.
+
+    Sandbox.start(directory)
+        pool.acquire() ─▶ Load ─▶ Progress(a.py) … Progress(b.py) ─▶ Loaded
+                         │ a file hangs past file_timeout, or the child dies on it:
+                         └▶ kill the child, report that file, acquire another child,
+                            Load again without it; all within load_timeout
+    list() / system_prompt() / tools() / call_tool() / ping()
+        one request at a time, each under call_timeout; a missed deadline or a dead
+        child means kill, restart on the same directory, then raise
+        SandboxTimeout / SandboxCrashed so the session can tell its client
+    close()  kill the process group and reap it
+
+A sandbox never changes directory: a reload is a new ``Sandbox`` swapped in by the
+caller once it has loaded, then the old one closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from . import wire
+from .errors import CallFailed, LoadFailed, SandboxCrashed, SandboxTimeout
+from .pool import Pool
+from .process import ChildDied, ChildProcess
+
+
+class LoadReport:
+    """The outcome of loading one directory."""
+
+    def __init__(self, loaded: wire.Loaded, errors: list[wire.FileError], seconds: float) -> None:
+        self.directory = loaded.directory
+        self.total_files = loaded.total_files
+        self.characters = loaded.characters
+        self.errors = sorted(errors, key=lambda error: error.file)
+        self.seconds = seconds
+
+
+class _FileKilledChild(Exception):
+    def __init__(self, error: wire.FileError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Sandbox:
+    def __init__(self, pool: Pool, label: str = "sandbox") -> None:
+        self._pool = pool
+        self._config = pool.config
+        self._observer = pool.observer
+        self.label = label
+        self._child: ChildProcess | None = None
+        self._lock = asyncio.Lock()
+        self._directory: str | None = None
+        self._excluded: list[str] = []
+        self._max_characters = 100
+        self.report: LoadReport | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child is not None else None
+
+    async def start(self, directory: str, max_characters: int = 100) -> LoadReport:
+        """Load ``directory`` (an absolute path the caller has checked) into a child.
+
+        Raises ``LoadFailed`` (the directory cannot be imported at all, or it holds
+        more than ``max_characters`` files) or ``SandboxTimeout`` (past load_timeout).
+        """
+        async with self._lock:
+            if self._directory is not None:
+                raise RuntimeError("a Sandbox loads one directory; make a new one to reload")
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._config.load_timeout):
+                    child, loaded, errors = await self._load(directory, [], max_characters)
+            except TimeoutError:
+                self._observer.timed_out(self.label, f"load of {directory}")
+                raise SandboxTimeout(
+                    f"loading {directory} took longer than {self._config.load_timeout:g} s"
+                ) from None
+            self._child, self._directory = child, directory
+            self._max_characters = max_characters
+            self._excluded = [error.file for error in errors]
+            self.report = LoadReport(loaded, errors + loaded.errors, time.perf_counter() - started)
+            self._observer.call("load", self.report.seconds)
+            return self.report
+
+    async def list(self) -> list[wire.CharacterInfo]:
+        reply = await self._call(lambda id: wire.ListCharacters(id=id), "list")
+        assert isinstance(reply, wire.Listed)
+        return reply.characters
+
+    async def system_prompt(self, name: str) -> str:
+        reply = await self._call(lambda id: wire.SystemPrompt(id=id, name=name), "system_prompt")
+        assert isinstance(reply, wire.Prompt)
+        return reply.text
+
+    async def tools(self, name: str) -> list[dict[str, Any]]:
+        reply = await self._call(lambda id: wire.GetTools(id=id, name=name), "tools")
+        assert isinstance(reply, wire.Tools)
+        return reply.tools
+
+    async def call_tool(self, name: str, tool: str, arguments: dict[str, Any]) -> str:
+        reply = await self._call(
+            lambda id: wire.CallTool(id=id, name=name, tool=tool, arguments=arguments), "call_tool"
+        )
+        assert isinstance(reply, wire.ToolResult)
+        return reply.result
+
+    async def ping(self) -> int:
+        """The child's pid, once it answered."""
+        reply = await self._call(lambda id: wire.Ping(id=id), "ping")
+        assert isinstance(reply, wire.Pong)
+        return reply.pid
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._child is not None:
+                await self._pool.release(self._child)
+                self._child = None
+
+    # ── internals ────────────────────────────────────────────────────────────
+
+    async def _load(
+        self, directory: str, exclude: list[str], max_characters: int
+    ) -> tuple[ChildProcess, wire.Loaded, list[wire.FileError]]:
+        """Load into fresh children until one survives; each killer file is excluded."""
+        errors: list[wire.FileError] = []
+        exclude = list(exclude)
+        for _ in range(self._config.max_restarts_per_load + 1):
+            child = await self._pool.acquire()
+            try:
+                loaded = await self._load_into(child, directory, exclude, max_characters)
+            except _FileKilledChild as killed:
+                await self._pool.release(child)
+                if killed.error.file == "__init__.py":
+                    raise LoadFailed(
+                        f"{directory}/__init__.py {killed.error.message}", "PackageError"
+                    ) from None
+                errors.append(killed.error)
+                exclude.append(killed.error.file)
+                continue
+            except BaseException:
+                await self._pool.release(child)
+                raise
+            return child, loaded, errors
+        raise LoadFailed(
+            f"{len(errors)} files of {directory} killed the sandbox; giving up. "
+            f"Fix or remove: {', '.join(error.file for error in errors)}"
+        )
+
+    async def _load_into(
+        self, child: ChildProcess, directory: str, exclude: list[str], max_characters: int
+    ) -> wire.Loaded:
+        request = wire.Load(
+            id=child.next_id(), directory=directory, exclude=exclude, max_characters=max_characters
+        )
+        file_timeout = self._config.file_timeout
+        current = "__init__.py"
+        try:
+            await child.send(request)
+            async with asyncio.timeout(file_timeout) as deadline:
+                while True:
+                    reply = await child.receive()
+                    match reply:
+                        case wire.Progress(file=file):
+                            current = file
+                            deadline.reschedule(asyncio.get_running_loop().time() + file_timeout)
+                        case wire.Loaded():
+                            self._report_output(reply.output)
+                            return reply
+                        case wire.Failed(error_type=error_type, message=message):
+                            self._report_output(reply.output)
+                            raise LoadFailed(message, error_type)
+                        case _:
+                            raise ChildDied(f"sent {type(reply).__name__} during a load")
+        except TimeoutError:
+            self._observer.timed_out(self.label, f"{directory}/{current}")
+            raise _FileKilledChild(
+                wire.FileError(
+                    file=current,
+                    error_type="Timeout",
+                    message=f"did not finish loading within {file_timeout:g} s (an endless loop?)",
+                )
+            ) from None
+        except ChildDied as died:
+            await child.wait_exit(1.0)
+            how = child.exit_description() if child.process.exitcode is not None else str(died)
+            self._observer.crashed(self.label, f"{directory}/{current}: {how}")
+            raise _FileKilledChild(
+                wire.FileError(
+                    file=current,
+                    error_type="Crashed",
+                    message=f"killed the sandbox interpreter while loading: {how}",
+                )
+            ) from None
+
+    async def _call(self, make: Any, method: str) -> wire.Reply:
+        async with self._lock:
+            if self._child is None or self._directory is None:
+                await self._restart("the sandbox was not running")
+            child = self._child
+            assert child is not None
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._config.call_timeout):
+                    reply = await child.request(make(child.next_id()))
+            except TimeoutError:
+                self._observer.timed_out(self.label, method)
+                await self._restart(f"{method} timed out")
+                raise SandboxTimeout(
+                    f"character code did not answer {method} within "
+                    f"{self._config.call_timeout:g} s; the sandbox was restarted"
+                ) from None
+            except ChildDied as died:
+                await child.wait_exit(1.0)
+                how = child.exit_description() if child.process.exitcode is not None else str(died)
+                self._observer.crashed(self.label, f"{method}: {how}")
+                await self._restart(f"{method} crashed")
+                raise SandboxCrashed(
+                    f"the sandbox died during {method} ({how}); it was restarted"
+                ) from None
+            finally:
+                self._observer.call(method, time.perf_counter() - started)
+            if isinstance(reply, wire.Failed):
+                self._report_output(reply.output)
+                raise CallFailed(reply.message, reply.error_type, reply.traceback)
+            self._report_output(getattr(reply, "output", ""))
+            return reply
+
+    async def _restart(self, why: str) -> None:
+        """Replace the child with a fresh one on the same directory (lock held)."""
+        if self._child is not None:
+            await self._pool.release(self._child)
+            self._child = None
+        if self._directory is None:
+            raise SandboxCrashed(f"{why}, and no directory was ever loaded")
+        try:
+            async with asyncio.timeout(self._config.load_timeout):
+                child, _, errors = await self._load(
+                    self._directory, self._excluded, self._max_characters
+                )
+        except (TimeoutError, LoadFailed) as exc:
+            raise SandboxCrashed(
+                f"{why}, and reloading {self._directory} failed ({exc}); reload a directory"
+            ) from None
+        self._child = child
+        self._excluded += [error.file for error in errors]
+
+    def _report_output(self, text: str) -> None:
+        if text:
+            self._observer.output(self.label, text)

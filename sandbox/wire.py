@@ -1,0 +1,226 @@
+"""Messages between the server (host) and a sandbox child, and their framing.
+
+    host (asyncio)                                   child (blocking)
+    ──────────────                                   ────────────────
+    encode_request(Load) ──▶ [u32 length][msgpack] ──▶ read_frame → decode_request
+    decode_reply(frame)  ◀── [u32 length][msgpack] ◀── write_frame(encode_reply(...))
+
+Requests and replies are msgspec Structs in two tagged unions; nothing on this
+channel is pickled. The child is untrusted, so the host decodes replies with a typed
+decoder and refuses frames larger than ``MAX_FRAME``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+import msgspec
+
+MAX_FRAME = 8 * 1024 * 1024
+"""Largest frame either side accepts; a bigger one is a protocol violation."""
+
+_HEADER = struct.Struct("!I")
+
+
+class Message(msgspec.Struct, tag=True, tag_field="kind", omit_defaults=True):
+    """Base of every message: tagged by class name in the ``kind`` field."""
+
+
+# ── requests (host → child) ──────────────────────────────────────────────────
+
+
+class Load(Message):
+    """Import ``directory`` as the package ``characters`` and load its files.
+
+    Files named in ``exclude`` are skipped (the host already knows they break the
+    child). The child answers with ``Progress`` before each file, then ``Loaded``.
+    """
+
+    id: int
+    directory: str
+    exclude: list[str] = []
+    max_characters: int = 100
+
+
+class ListCharacters(Message):
+    id: int
+
+
+class SystemPrompt(Message):
+    id: int
+    name: str
+
+
+class GetTools(Message):
+    id: int
+    name: str
+
+
+class CallTool(Message):
+    id: int
+    name: str
+    tool: str
+    arguments: dict[str, Any] = {}
+
+
+class Ping(Message):
+    id: int
+
+
+Request = Load | ListCharacters | SystemPrompt | GetTools | CallTool | Ping
+
+
+# ── replies (child → host) ───────────────────────────────────────────────────
+
+
+class CharacterInfo(msgspec.Struct, omit_defaults=False):
+    """What the host needs to know about one loaded character."""
+
+    name: str
+    file: str
+    voice_source: dict[str, Any]
+    good: bool | None = None
+    comment: str | None = None
+    tool_names: list[str] = []
+
+
+class FileError(msgspec.Struct):
+    file: str
+    error_type: str
+    message: str
+
+
+class Progress(Message):
+    """Sent before the child executes ``file``: if it dies or hangs, ``file`` did it."""
+
+    id: int
+    file: str
+
+
+class Loaded(Message):
+    id: int
+    directory: str
+    total_files: int
+    characters: list[CharacterInfo]
+    errors: list[FileError]
+    output: str = ""
+
+
+class Listed(Message):
+    id: int
+    characters: list[CharacterInfo]
+
+
+class Prompt(Message):
+    id: int
+    text: str
+    output: str = ""
+
+
+class Tools(Message):
+    id: int
+    tools: list[dict[str, Any]]
+
+
+class ToolResult(Message):
+    id: int
+    result: str
+    output: str = ""
+
+
+class Pong(Message):
+    id: int
+    pid: int
+
+
+class Failed(Message):
+    """A request the child could not serve; ``error_type`` names the failure."""
+
+    id: int
+    error_type: str
+    message: str
+    traceback: str = ""
+    output: str = ""
+
+
+Reply = Progress | Loaded | Listed | Prompt | Tools | ToolResult | Pong | Failed
+
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def encode(message: Message) -> bytes:
+    """Encode ``message`` as one frame: a 4-byte big-endian length, then msgpack."""
+    payload = _encoder.encode(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def decode_request(payload: bytes) -> Request:
+    return _request_decoder.decode(payload)
+
+
+def decode_reply(payload: bytes) -> Reply:
+    return _reply_decoder.decode(payload)
+
+
+class FrameTooLarge(ValueError):
+    """The peer announced a frame larger than ``MAX_FRAME``."""
+
+
+class FrameBuffer:
+    """Accumulates bytes read from a non-blocking pipe and cuts them into frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return every complete frame payload. Raises ``FrameTooLarge``."""
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buffer)
+            if length > MAX_FRAME:
+                raise FrameTooLarge(f"frame of {length} bytes exceeds {MAX_FRAME}")
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            frames.append(bytes(self._buffer[_HEADER.size : end]))
+            del self._buffer[:end]
+        return frames
+
+
+def read_frame(fd: int) -> bytes | None:
+    """Blocking read of one frame from ``fd`` (child side); ``None`` at end of file."""
+    header = _read_exactly(fd, _HEADER.size)
+    if header is None:
+        return None
+    (length,) = _HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise FrameTooLarge(f"frame of {length} bytes exceeds {MAX_FRAME}")
+    payload = _read_exactly(fd, length)
+    if payload is None:
+        return None
+    return payload
+
+
+def write_frame(fd: int, message: Message) -> None:
+    """Blocking write of ``message`` as one frame to ``fd`` (child side)."""
+    view = memoryview(encode(message))
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    chunks = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)

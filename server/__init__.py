@@ -1,0 +1,1 @@
+"""Troupe's server: one aiohttp process, one sandboxed character set per session."""

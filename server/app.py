@@ -1,0 +1,214 @@
+"""The aiohttp application: ``create_app(config)`` wires routes, state and lifecycles.
+
+    GET  /v1/realtime            WebSocket, subprotocol "realtime" (session.py)
+    GET  /v1/health              sandbox pool and backend status (200 / 503)
+    GET  /v1/voices              the server-wide default set, good characters only
+    POST /v1/characters/reload   reloads that server-wide set (deprecated)
+    GET  /v1/sessions            live sessions, behind the admin token
+    GET  /metrics                Prometheus
+
+State lives under typed ``web.AppKey``s; the sandbox pool and the server-wide set are
+opened and closed in ``cleanup_ctx``; shutdown closes live sessions with 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import WSCloseCode, web
+from prometheus_async.aio.web import server_stats
+
+from sandbox import Pool
+
+from . import dialects, metrics
+from .characters import CharacterSet
+from .config import Config
+from .errors import TroupeError
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+POOL = web.AppKey("pool", Pool)
+VOICES = web.AppKey("voices", CharacterSet)
+SESSIONS = web.AppKey("sessions", dict[str, Session])
+
+
+def create_app(config: Config) -> web.Application:
+    # aiohttp closes the connection on frames above max_msg_size; below that we
+    # answer message_too_large ourselves and the session goes on.
+    app = web.Application(client_max_size=config.max_message_bytes)
+    app[CONFIG] = config
+    app[SESSIONS] = {}
+    app.cleanup_ctx.append(_sandbox_pool)
+    app.on_shutdown.append(_close_sessions)
+    app.router.add_get("/v1/realtime", realtime)
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/voices", voices)
+    app.router.add_post("/v1/characters/reload", reload_voices)
+    app.router.add_get("/v1/sessions", list_sessions)
+    app.router.add_get("/metrics", server_stats)
+    return app
+
+
+async def _sandbox_pool(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    pool = Pool(config.sandbox, metrics.MetricsObserver(logging.getLogger("sandbox")))
+    await pool.start()
+    app[POOL] = pool
+    voices = CharacterSet(pool, config, "server-wide set")
+    app[VOICES] = voices
+    try:
+        loaded = await voices.load("default")
+        log.info("server-wide set: %d characters from %s, %d errors",
+                 len(loaded.characters), loaded.directory, len(loaded.errors))
+    except TroupeError as exc:
+        log.error("server-wide set not loaded (%s): %s", exc.code, exc.message)
+    yield
+    await voices.close()
+    await pool.close()
+
+
+async def _close_sessions(app: web.Application) -> None:
+    sessions = list(app[SESSIONS].values())
+    await asyncio.gather(
+        *(s.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+          for s in sessions),
+        return_exceptions=True,
+    )
+
+
+async def realtime(request: web.Request) -> web.WebSocketResponse:
+    app, config = request.app, request.app[CONFIG]
+    ws = web.WebSocketResponse(
+        protocols=("realtime",), max_msg_size=config.max_message_bytes * 16
+    )
+    await ws.prepare(request)
+    sessions = app[SESSIONS]
+    if len(sessions) >= config.max_sessions:
+        metrics.SESSIONS_REJECTED.inc()
+        await ws.close(
+            code=WSCloseCode.TRY_AGAIN_LATER,
+            message=f"server full ({config.max_sessions} sessions); retry later".encode(),
+        )
+        return ws
+    dialect = dialects.detect(request.query, request.headers)
+    session = Session(ws, dialect, request.query.get("model"), app[POOL], config)
+    sessions[session.id] = session
+    metrics.SESSIONS.inc()
+    metrics.SESSIONS_ACTIVE.inc()
+    log.info("%s: opened (%s dialect)", session.id, dialect.value)
+    try:
+        await session.run()
+    except Exception:
+        log.exception("%s: failed", session.id)
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+    finally:
+        del sessions[session.id]
+        await session.close()
+        metrics.SESSIONS_ACTIVE.dec()
+        metrics.SESSION_DURATION.observe(session.age)
+        log.info("%s: closed after %.1f s", session.id, session.age)
+    return ws
+
+
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    pool, voices = app[POOL], app[VOICES]
+    ok = voices.sandbox is not None
+    body = {
+        "ok": ok,
+        "stt_up": False,
+        "llm_up": False,
+        "tts_up": False,
+        "voice_cloning_up": False,
+        "backends": {"stt": "missing", "llm": "missing", "tts": "missing"},
+        "sandbox": {
+            "pool_idle": pool.idle,
+            "pool_size": pool.config.pool_size,
+            "children": len(pool.live_pids),
+            "default_set_loaded": voices.sandbox is not None,
+        },
+        "sessions": {"active": len(app[SESSIONS]), "max": app[CONFIG].max_sessions},
+    }
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def voices(request: web.Request) -> web.Response:
+    return web.json_response([
+        {"name": c.name, "good": c.good, "source": c.voice_source}
+        for c in request.app[VOICES].characters
+        if c.good is True
+    ])
+
+
+async def reload_voices(request: web.Request) -> web.Response:
+    headers = {
+        "Deprecation": "true",
+        "Link": '</v1/realtime>; rel="successor-version"',
+        "Warning": '299 - "deprecated: reloads only the server-wide set; sessions use '
+        'session.characters.reload"',
+    }
+    voices = request.app[VOICES]
+    try:
+        loaded = await voices.load("default")
+    except TroupeError as exc:
+        status = 500 if exc.error_type == "server_error" else 422
+        return web.json_response(
+            {"error": {"type": exc.error_type, "code": exc.code, "message": exc.message,
+                       "details": exc.details}},
+            status=status, headers=headers,
+        )
+    finally:
+        await voices.retire()
+    return web.json_response({
+        "directory": loaded.directory,
+        "loaded_count": len(loaded.characters),
+        "error_count": len(loaded.errors),
+        "total_files": loaded.total_files,
+        "characters": [{"name": c.name, "good": c.good, "comment": c.comment}
+                       for c in loaded.characters],
+        "errors": [{"file": e.file, "error_type": e.error_type, "message": e.message}
+                   for e in loaded.errors],
+        "duration_ms": loaded.duration_ms,
+        "deprecated": True,
+    }, headers=headers)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    token = request.app[CONFIG].admin_token
+    if token is None:
+        raise web.HTTPNotFound(text="the admin API is off; set --admin-token to enable it")
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if not secrets.compare_digest(given.encode(), token.encode()):
+        raise web.HTTPUnauthorized(text="send Authorization: Bearer <admin token>")
+    return web.json_response([
+        {
+            "id": session.id,
+            "dialect": session.dialect.value,
+            "age_s": round(session.age, 1),
+            "directory": session.characters.directory,
+            "characters": [c.name for c in session.characters.characters],
+            "voice": session.settings.voice,
+            "sandbox_pid": pid,
+            "sandbox_pss_kb": _pss_kb(pid),
+        }
+        for session in request.app[SESSIONS].values()
+        for pid in [session.characters.sandbox.pid if session.characters.sandbox else None]
+    ])
+
+
+def _pss_kb(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,156 @@
+"""A set of characters loaded in a sandbox, and how a reload replaces it.
+
+    load(requested)
+      directories.resolve ─▶ count files ─▶ new Sandbox.start(path) ─▶ swap in
+      (any refusal raises TroupeError and leaves the current set as it was)
+    retire(): kill the previous sandbox, after the client has its answer
+
+Used by each session and by the server-wide set behind ``/v1/voices``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sandbox import (
+    CharacterInfo,
+    FileError,
+    LoadFailed,
+    LoadReport,
+    Pool,
+    Sandbox,
+    SandboxCrashed,
+    SandboxTimeout,
+)
+
+from . import directories, metrics
+from .config import Config
+from .errors import ServerSideError, TroupeError
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a successful load reports to the client."""
+
+    directory: str
+    total_files: int
+    characters: list[CharacterInfo]
+    errors: list[FileError]
+    duration_ms: float
+
+
+class CharacterSet:
+    def __init__(self, pool: Pool, config: Config, label: str) -> None:
+        self._pool = pool
+        self._config = config
+        self.label = label
+        self.sandbox: Sandbox | None = None
+        self.report: LoadReport | None = None
+        self._retired: list[Sandbox] = []
+
+    @property
+    def characters(self) -> list[CharacterInfo]:
+        return self.report.characters if self.report is not None else []
+
+    @property
+    def directory(self) -> str:
+        return self.report.directory if self.report is not None else ""
+
+    def find(self, voice: str) -> CharacterInfo | None:
+        """The character named ``voice``, or whose voice path is ``voice``."""
+        for character in self.characters:
+            if voice in (character.name, character.voice_source.get("path_on_server")):
+                return character
+        return None
+
+    async def load(self, requested: str) -> Loaded:
+        """Load ``requested`` (a path or ``"default"``) into a new sandbox and swap it in.
+
+        Raises ``TroupeError`` with the code the client should see; on any error the
+        current set stays in place.
+        """
+        started = time.perf_counter()
+        path = directories.resolve(
+            requested, self._config.characters_dir, self._config.allowed_roots
+        )
+        limit = self._config.max_characters
+        count = directories.count_character_files(path)
+        if count > limit:
+            raise TroupeError(
+                "too_many_characters",
+                f"{requested} holds {count} character files; this server allows {limit} "
+                "(--max-characters)",
+                param="directory",
+                details={"total_files": count, "limit": limit},
+            )
+        sandbox = Sandbox(self._pool, self.label)
+        try:
+            report = await sandbox.start(str(path), limit)
+        except BaseException as exc:
+            await sandbox.close()
+            raise _translate(exc, requested) from None
+        if not report.characters:
+            await sandbox.close()
+            raise TroupeError(
+                "no_valid_characters",
+                f"none of the {report.total_files} files in {requested} defines a valid "
+                "character; see details.errors",
+                param="directory",
+                details={"total_files": report.total_files,
+                         "errors": [_error_dict(error) for error in report.errors]},
+            )
+        if self.sandbox is not None:
+            self._retired.append(self.sandbox)
+        self.sandbox, self.report = sandbox, report
+        for error in report.errors:
+            metrics.CHARACTER_LOAD_ERRORS.labels(error.error_type).inc()
+        duration = time.perf_counter() - started
+        metrics.CHARACTER_RELOAD_DURATION.observe(duration)
+        return Loaded(
+            directory=report.directory,
+            total_files=report.total_files,
+            characters=report.characters,
+            errors=report.errors,
+            duration_ms=round(duration * 1000, 2),
+        )
+
+    async def retire(self) -> None:
+        """Kill the sandboxes that loads have replaced."""
+        while self._retired:
+            await self._retired.pop().close()
+
+    async def close(self) -> None:
+        await self.retire()
+        if self.sandbox is not None:
+            await self.sandbox.close()
+            self.sandbox = None
+
+
+def _translate(exc: BaseException, requested: str) -> BaseException:
+    """The client-facing error for a sandbox failure during a load."""
+    match exc:
+        case SandboxTimeout():
+            return ServerSideError("sandbox_timeout", f"loading {requested}: {exc}")
+        case LoadFailed(error_type="TooManyCharacters"):
+            return TroupeError("too_many_characters", str(exc), param="directory")
+        case LoadFailed(error_type="PermissionError"):
+            return TroupeError("directory_not_readable", f"{requested}: {exc}", param="directory")
+        case LoadFailed(error_type="FileNotFoundError"):
+            return TroupeError("directory_not_found", f"{requested}: {exc}", param="directory")
+        case LoadFailed():
+            return TroupeError(
+                "character_reload_failed",
+                f"{requested} could not be loaded: {exc}",
+                param="directory",
+                details={"error_type": exc.error_type},
+            )
+        case SandboxCrashed():
+            return ServerSideError("sandbox_crashed", f"loading {requested}: {exc}")
+        case _:
+            return exc
+
+
+def _error_dict(error: FileError) -> dict[str, str]:
+    return {"file": error.file, "error_type": error.error_type, "message": error.message}
+

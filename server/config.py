@@ -1,0 +1,127 @@
+"""Server configuration: one typed object, built from the command line and the
+environment by ``parse`` (nothing reads the environment at import time)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandbox import ChildLimits, SandboxConfig
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    characters_dir: Path = _REPO / "characters"
+    allowed_roots: tuple[Path, ...] = ()
+    max_sessions: int = 200
+    max_characters: int = 100
+    max_reloads_per_minute: int = 30
+    max_message_bytes: int = 1024 * 1024
+    """Frames above this get a ``message_too_large`` error; the session goes on."""
+    admin_token: str | None = None
+    log_level: str = "INFO"
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+
+# (option, environment variable, type, help); the defaults come from Config.
+_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--host", "TROUPE_HOST", str, "interface to listen on"),
+    ("--port", "TROUPE_PORT", int, "TCP port"),
+    ("--characters-dir", "TROUPE_CHARACTERS_DIR", Path,
+     "the default character directory (what 'default' means in a reload)"),
+    ("--max-sessions", "TROUPE_MAX_SESSIONS", int,
+     "concurrent WebSocket sessions; more are closed with code 1013"),
+    ("--max-characters", "TROUPE_MAX_CHARACTERS", int,
+     "character files a directory may hold"),
+    ("--max-reloads-per-minute", "TROUPE_MAX_RELOADS_PER_MINUTE", int,
+     "session.characters.reload requests per session per minute"),
+    ("--max-message-bytes", "TROUPE_MAX_MESSAGE_BYTES", int,
+     "largest client frame accepted; bigger ones get a message_too_large error"),
+    ("--admin-token", "TROUPE_ADMIN_TOKEN", str,
+     "bearer token for GET /v1/sessions (disabled when unset)"),
+    ("--log-level", "TROUPE_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+_SANDBOX_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--sandbox-pool-size", "TROUPE_SANDBOX_POOL_SIZE", int,
+     "idle sandbox interpreters kept started"),
+    ("--load-timeout", "TROUPE_LOAD_TIMEOUT", float, "seconds for a whole directory load"),
+    ("--file-timeout", "TROUPE_FILE_TIMEOUT", float,
+     "seconds for one character file to import"),
+    ("--call-timeout", "TROUPE_CALL_TIMEOUT", float,
+     "seconds for a system prompt, tool call or list"),
+]
+_LIMIT_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--sandbox-memory-mb", "TROUPE_SANDBOX_MEMORY_MB", int,
+     "address-space limit of each sandbox interpreter"),
+    ("--sandbox-cpu-seconds", "TROUPE_SANDBOX_CPU_SECONDS", int,
+     "CPU seconds a sandbox interpreter may use in its life"),
+    ("--llm-name", "TROUPE_LLM_NAME", str,
+     "model name characters see through get_readable_llm_name()"),
+]
+
+
+_METAVARS = {int: "N", float: "SECONDS", Path: "DIR", str: "TEXT"}
+
+
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build a ``Config`` from ``argv`` and ``environ`` (defaults: the real ones).
+    Command-line options win over environment variables."""
+    environ = os.environ if environ is None else environ
+    defaults, sandbox_defaults = Config(), SandboxConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Troupe: a realtime voice-chat server where every WebSocket session "
+        "owns its own sandboxed set of characters.",
+        epilog="Every option can also be set with the environment variable shown.",
+    )
+    groups = [
+        (parser, _OPTIONS, defaults),
+        (parser.add_argument_group("sandbox"), _SANDBOX_OPTIONS, sandbox_defaults),
+        (parser.add_argument_group("sandbox limits"), _LIMIT_OPTIONS, sandbox_defaults.limits),
+    ]
+    for group, options, source in groups:
+        for option, variable, kind, text in options:
+            name = _attribute(option)
+            default = getattr(source, _field(name))
+            if variable in environ:
+                default = kind(environ[variable])
+            group.add_argument(
+                option, type=kind, default=default, metavar=_METAVARS[kind],
+                help=f"{text} (env {variable}; default: {getattr(source, _field(name))})",
+            )
+    parser.add_argument(
+        "--allowed-root", action="append", type=Path, default=None, metavar="DIR",
+        help="a root under which sessions may load custom character directories; "
+        "repeat for several (env TROUPE_ALLOWED_ROOTS, separated by ':'; default: none)",
+    )
+    args = parser.parse_args(argv)
+    roots = args.allowed_root
+    if roots is None:
+        roots = [Path(p) for p in environ.get("TROUPE_ALLOWED_ROOTS", "").split(os.pathsep) if p]
+    limits = ChildLimits(**_values(args, _LIMIT_OPTIONS))
+    sandbox = SandboxConfig(limits=limits, **_values(args, _SANDBOX_OPTIONS))
+    return Config(
+        **_values(args, _OPTIONS),
+        allowed_roots=tuple(root.resolve() for root in roots),
+        sandbox=sandbox,
+    )
+
+
+def _attribute(option: str) -> str:
+    return option.removeprefix("--").replace("-", "_")
+
+
+def _field(attribute: str) -> str:
+    """The Config/SandboxConfig/ChildLimits field an option sets."""
+    return attribute.removeprefix("sandbox_")
+
+
+def _values(args: argparse.Namespace, options: list[tuple[str, str, type, str]]) -> dict:
+    return {_field(_attribute(o)): getattr(args, _attribute(o)) for o, *_ in options}

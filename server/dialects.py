@@ -1,0 +1,189 @@
+"""The three client families (DESIGN.md §2) and the session settings they see.
+
+    connect ── ?model= ──┬── OpenAI-Beta: realtime=v1 ──▶ BETA   (flat session fields)
+                         └── otherwise ─────────────────▶ GA     (session.audio.* objects)
+            ── no model ────────────────────────────────▶ UNMUTE (closed set of events)
+
+One ``SessionSettings`` holds what the client configured; ``render`` shows it in the
+shape its dialect expects, and ``accepts`` says which server events it may receive.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from .errors import TroupeError
+from .protocol import AudioFormat, SessionFields
+
+
+class Dialect(enum.Enum):
+    GA = "ga"
+    BETA = "beta"
+    UNMUTE = "unmute"
+
+
+def detect(query: Mapping[str, str], headers: Mapping[str, str]) -> Dialect:
+    if "model" not in query:
+        return Dialect.UNMUTE
+    if "realtime=v1" in headers.get("OpenAI-Beta", ""):
+        return Dialect.BETA
+    return Dialect.GA
+
+
+_UNMUTE_EVENTS = frozenset({
+    "error", "session.updated", "response.created", "response.text.delta",
+    "response.text.done", "response.audio.delta", "response.audio.done",
+    "conversation.item.input_audio_transcription.delta",
+    "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+    "unmute.additional_outputs", "unmute.response.text.delta.ready",
+    "unmute.response.audio.delta.ready", "unmute.interrupted_by_vad",
+    "session.characters.reloaded", "session.characters.listed",
+})
+
+
+def accepts(dialect: Dialect, event_type: str) -> bool:
+    """Whether a client of ``dialect`` may be sent an event of ``event_type``: Unmute's
+    client validates every event against a closed union and breaks on others."""
+    return dialect is not Dialect.UNMUTE or event_type in _UNMUTE_EVENTS
+
+
+AUDIO_FORMATS = ("pcm16", "opus")
+_GA_FORMATS = {"pcm16": "audio/pcm", "opus": "audio/opus"}
+_FROM_GA = {value: key for key, value in _GA_FORMATS.items()}
+
+
+@dataclass
+class SessionSettings:
+    """What the client configured, dialect-neutral."""
+
+    session_id: str
+    model: str | None
+    voice: str | None = None
+    instructions: str | dict[str, Any] | None = None
+    allow_recording: bool = False
+    modalities: list[str] = field(default_factory=lambda: ["text", "audio"])
+    input_audio_format: str = "pcm16"
+    output_audio_format: str = "pcm16"
+    turn_detection: dict[str, Any] | None = field(
+        default_factory=lambda: {"type": "server_vad"}
+    )
+    temperature: float = 0.8
+    tools: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def initial(cls, session_id: str, dialect: Dialect, model: str | None) -> SessionSettings:
+        audio = "opus" if dialect is Dialect.UNMUTE else "pcm16"
+        return cls(session_id, model, input_audio_format=audio, output_audio_format=audio)
+
+    def requested_voice(self, update: SessionFields) -> str | None:
+        if update.voice is not None:
+            return update.voice
+        if update.audio is not None and update.audio.output is not None:
+            return update.audio.output.voice
+        return None
+
+    def apply(self, update: SessionFields) -> None:
+        """Take every field ``update`` sets, except ``voice`` (the session checks it
+        against its characters first). Raises ``TroupeError`` before changing anything."""
+        input_format = _format(update.input_audio_format, "session.input_audio_format")
+        output_format = _format(update.output_audio_format, "session.output_audio_format")
+        turn_detection = update.turn_detection
+        if update.audio is not None:
+            if update.audio.input is not None:
+                input_format = _format(update.audio.input.format, "session.audio.input.format") or input_format
+                if update.audio.input.turn_detection is not msgspec.UNSET:
+                    turn_detection = update.audio.input.turn_detection
+            if update.audio.output is not None:
+                output_format = _format(update.audio.output.format, "session.audio.output.format") or output_format
+        if update.instructions is not None:
+            self.instructions = update.instructions
+        if update.allow_recording is not None:
+            self.allow_recording = update.allow_recording
+        modalities = update.output_modalities or update.modalities
+        if modalities is not None:
+            self.modalities = modalities
+        if input_format is not None:
+            self.input_audio_format = input_format
+        if output_format is not None:
+            self.output_audio_format = output_format
+        if turn_detection is not msgspec.UNSET:
+            self.turn_detection = turn_detection  # type: ignore[assignment]
+        if update.temperature is not None:
+            self.temperature = update.temperature
+        if update.tools is not None:
+            self.tools = update.tools
+
+
+def render(dialect: Dialect, settings: SessionSettings) -> dict[str, Any]:
+    """The ``session`` object of ``session.created`` / ``session.updated``."""
+    if dialect is Dialect.UNMUTE:
+        return {
+            "voice": settings.voice,
+            "instructions": settings.instructions,
+            "allow_recording": settings.allow_recording,
+        }
+    common = {
+        "id": settings.session_id,
+        "object": "realtime.session",
+        "model": settings.model,
+        "instructions": settings.instructions if isinstance(settings.instructions, str) else "",
+        "tools": settings.tools,
+        "tool_choice": "auto",
+    }
+    if dialect is Dialect.BETA:
+        return common | {
+            "modalities": settings.modalities,
+            "voice": settings.voice,
+            "input_audio_format": settings.input_audio_format,
+            "output_audio_format": settings.output_audio_format,
+            "turn_detection": settings.turn_detection,
+            "temperature": settings.temperature,
+            "input_audio_transcription": None,
+            "max_response_output_tokens": "inf",
+        }
+    return common | {
+        "type": "realtime",
+        "output_modalities": settings.modalities,
+        "audio": {
+            "input": {
+                "format": _ga_format(settings.input_audio_format),
+                "turn_detection": settings.turn_detection,
+            },
+            "output": {
+                "format": _ga_format(settings.output_audio_format),
+                "voice": settings.voice,
+            },
+        },
+        "max_output_tokens": "inf",
+    }
+
+
+def _ga_format(name: str) -> dict[str, Any]:
+    shape: dict[str, Any] = {"type": _GA_FORMATS[name]}
+    if name == "pcm16":
+        shape["rate"] = 24000
+    return shape
+
+
+def _format(value: AudioFormat | str | None, param: str) -> str | None:
+    if value is None:
+        return None
+    name = _FROM_GA.get(value.type or "") if isinstance(value, AudioFormat) else value
+    if isinstance(value, AudioFormat) and value.rate not in (None, 24000):
+        raise TroupeError(
+            "invalid_event", f"{param}: only 24000 Hz is supported, not {value.rate}", param=param
+        )
+    if name not in AUDIO_FORMATS:
+        shown = value.type if isinstance(value, AudioFormat) else value
+        raise TroupeError(
+            "invalid_event",
+            f"{param}: unsupported audio format {shown!r}; use "
+            + " or ".join(AUDIO_FORMATS + tuple(_GA_FORMATS.values())),
+            param=param,
+        )
+    return name

@@ -1,0 +1,89 @@
+"""Every Prometheus metric of the server (DESIGN.md §7), in one place.
+
+Per-session series carry a ``session_id`` label and are removed by ``forget_session``
+when the session ends, so cardinality stays bounded by the live sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from sandbox import Observer
+
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+CHARACTER_RELOAD_DURATION = Histogram(
+    "character_reload_duration_seconds",
+    "Time to load a character directory into a new sandbox and swap it in.",
+    buckets=_FAST,
+)
+SESSION_CHARACTER_COUNT = Gauge(
+    "session_character_count", "Characters loaded in a session.", ["session_id"]
+)
+CHARACTER_LOAD_PER_SESSION = Counter(
+    "character_load_per_session", "Directory loads per session.", ["session_id"]
+)
+CHARACTER_LOAD_ERRORS = Counter(
+    "character_load_errors", "Character files that failed to load, by error type.",
+    ["error_type"],
+)
+SESSIONS = Counter("sessions", "WebSocket sessions opened.")
+SESSIONS_ACTIVE = Gauge("sessions_active", "WebSocket sessions open now.")
+SESSIONS_REJECTED = Counter("sessions_rejected", "Sessions refused because the server was full.")
+SESSION_DURATION = Histogram(
+    "session_duration_seconds", "How long sessions last.",
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 14400),
+)
+SANDBOX_SPAWN_DURATION = Histogram(
+    "sandbox_spawn_duration_seconds", "Time from asking for a sandbox child to its ready reply.",
+    buckets=_FAST,
+)
+SANDBOX_SPAWN_FAILURES = Counter("sandbox_spawn_failures", "Sandbox children that failed to start.")
+SANDBOX_CRASHES = Counter("sandbox_crashes", "Sandbox children that died during a call or load.")
+SANDBOX_TIMEOUTS = Counter("sandbox_timeouts", "Sandbox calls or files that missed a deadline.")
+SANDBOX_RPC_DURATION = Histogram(
+    "sandbox_rpc_duration_seconds", "Sandbox requests, by method.", ["method"], buckets=_FAST
+)
+WEBSOCKET_EVENTS = Counter(
+    "websocket_events", "WebSocket events by type and direction.", ["type", "direction"]
+)
+
+
+def forget_session(session_id: str) -> None:
+    """Drop every per-session series of ``session_id``."""
+    for metric in (SESSION_CHARACTER_COUNT, CHARACTER_LOAD_PER_SESSION):
+        try:
+            metric.remove(session_id)
+        except KeyError:
+            pass  # the session never loaded anything
+
+
+class MetricsObserver(Observer):
+    """Feeds the sandbox's reports into the metrics above and the log."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+
+    def spawned(self, seconds: float) -> None:
+        SANDBOX_SPAWN_DURATION.observe(seconds)
+
+    def spawn_failed(self, error: BaseException) -> None:
+        SANDBOX_SPAWN_FAILURES.inc()
+        self._log.error("could not start a sandbox child: %s", error)
+
+    def call(self, method: str, seconds: float) -> None:
+        SANDBOX_RPC_DURATION.labels(method).observe(seconds)
+
+    def crashed(self, label: str, reason: str) -> None:
+        SANDBOX_CRASHES.inc()
+        self._log.warning("%s: sandbox child died: %s", label, reason)
+
+    def timed_out(self, label: str, what: str) -> None:
+        SANDBOX_TIMEOUTS.inc()
+        self._log.warning("%s: sandbox deadline missed: %s", label, what)
+
+    def output(self, label: str, text: str) -> None:
+        self._log.info("%s: character output: %s", label, text[:2000].rstrip())
+

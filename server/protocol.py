@@ -1,0 +1,191 @@
+"""The WebSocket event schema (DESIGN.md §2): msgspec Structs, tagged on ``type``.
+
+    client text frame ──decode_client()──▶ ClientEvent (session.update, …)
+    ServerEvent ──encode()──▶ JSON text frame
+
+Client events ignore fields they do not know (OpenAI clients send many); a field we
+do know with the wrong type is an ``invalid_event`` error naming it. Dialect-specific
+shapes (the ``session`` object) are built in ``dialects.py``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import msgspec
+
+# ── client → server ──────────────────────────────────────────────────────────
+
+
+class ClientEvent(msgspec.Struct, tag_field="type", kw_only=True):
+    event_id: str | None = None
+
+
+class AudioFormat(msgspec.Struct, kw_only=True):
+    """GA format object: ``{"type": "audio/pcm", "rate": 24000}``."""
+
+    type: str | None = None
+    rate: int | None = None
+
+
+class AudioInput(msgspec.Struct, kw_only=True):
+    format: AudioFormat | str | None = None
+    turn_detection: dict[str, Any] | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class AudioOutput(msgspec.Struct, kw_only=True):
+    format: AudioFormat | str | None = None
+    voice: str | None = None
+
+
+class AudioConfig(msgspec.Struct, kw_only=True):
+    input: AudioInput | None = None
+    output: AudioOutput | None = None
+
+
+class SessionFields(msgspec.Struct, kw_only=True):
+    """The ``session`` of a ``session.update``: only what is sent is changed."""
+
+    type: str | None = None
+    voice: str | None = None
+    instructions: str | dict[str, Any] | None = None
+    allow_recording: bool | None = None
+    modalities: list[str] | None = None
+    output_modalities: list[str] | None = None
+    input_audio_format: str | None = None
+    output_audio_format: str | None = None
+    turn_detection: dict[str, Any] | None | msgspec.UnsetType = msgspec.UNSET
+    temperature: float | None = None
+    tools: list[dict[str, Any]] | None = None
+    audio: AudioConfig | None = None
+
+
+class SessionUpdate(ClientEvent, tag="session.update"):
+    session: SessionFields = msgspec.field(default_factory=SessionFields)
+
+
+class CharactersReload(ClientEvent, tag="session.characters.reload"):
+    directory: str
+
+
+class CharactersList(ClientEvent, tag="session.characters.list"):
+    pass
+
+
+ClientEventUnion = SessionUpdate | CharactersReload | CharactersList
+CLIENT_EVENT_TYPES = ("session.update", "session.characters.reload", "session.characters.list")
+
+
+class _Header(msgspec.Struct):
+    """Just enough of an event to explain why the full decode failed."""
+
+    type: Any = None
+    event_id: Any = None
+
+
+_client_decoder = msgspec.json.Decoder(ClientEventUnion)
+_header_decoder = msgspec.json.Decoder(_Header)
+
+
+class InvalidEvent(ValueError):
+    """A client frame that is not a valid event; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, event_id: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.event_id = event_id
+
+
+def decode_client(data: str | bytes) -> ClientEventUnion:
+    """Decode one client frame. Raises ``InvalidEvent`` with a message that says what
+    to fix."""
+    try:
+        return _client_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        error = exc
+    try:
+        header = _header_decoder.decode(data)
+    except msgspec.DecodeError:
+        raise InvalidEvent(f"the frame is not a JSON object: {error}") from None
+    event_id = header.event_id if isinstance(header.event_id, str) else None
+    if not isinstance(header.type, str):
+        raise InvalidEvent("every event needs a string 'type'", "type", event_id)
+    if header.type not in CLIENT_EVENT_TYPES:
+        raise InvalidEvent(
+            f"unknown event type {header.type!r}; this server accepts "
+            + ", ".join(CLIENT_EVENT_TYPES),
+            "type",
+            event_id,
+        )
+    message = str(error)
+    param = message.rpartition("`$.")[2].rstrip("`") if "`$." in message else None
+    raise InvalidEvent(f"invalid {header.type}: {message}", param, event_id) from None
+
+
+# ── server → client ──────────────────────────────────────────────────────────
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(15)}"
+
+
+class ServerEvent(msgspec.Struct, tag_field="type", kw_only=True):
+    event_id: str = msgspec.field(default_factory=lambda: new_id("event"))
+
+
+class ErrorDetails(msgspec.Struct, kw_only=True):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+    details: Any = None
+    event_id: str | None = None
+    """The client event this error answers, when it had one (as OpenAI does)."""
+
+
+class Error(ServerEvent, tag="error"):
+    error: ErrorDetails
+
+
+class SessionCreated(ServerEvent, tag="session.created"):
+    session: Any
+
+
+class SessionUpdated(ServerEvent, tag="session.updated"):
+    session: Any
+
+
+class CharacterSummary(msgspec.Struct):
+    name: str
+    good: bool | None
+    comment: str | None
+
+
+class LoadError(msgspec.Struct):
+    file: str
+    error_type: str
+    message: str
+
+
+class CharactersReloaded(ServerEvent, tag="session.characters.reloaded"):
+    directory: str
+    loaded_count: int
+    error_count: int
+    total_files: int
+    characters: list[CharacterSummary]
+    errors: list[LoadError]
+    duration_ms: float
+
+
+class CharactersListed(ServerEvent, tag="session.characters.listed"):
+    directory: str
+    character_count: int
+    characters: list[CharacterSummary]
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(event: ServerEvent) -> str:
+    return _encoder.encode(event).decode()

@@ -1,0 +1,244 @@
+"""One WebSocket connection's lifecycle.
+
+    ws frames ─▶ receive loop ─ size / binary / JSON / schema checks ─▶ error event
+                      │ valid event
+                      ▼
+                 ordered queue ─▶ worker: session.update, characters.list/reload
+                                  (one at a time, each answered exactly once)
+    close: cancel the worker, kill the session's sandboxes, drop its metric series
+
+The first job on the queue loads the default directory, so a client's first
+``session.characters.list`` already sees its own characters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from aiohttp import WSMsgType, web
+
+from sandbox import CallFailed, CharacterInfo, Pool, SandboxCrashed, SandboxTimeout
+
+from . import dialects, metrics, protocol
+from .characters import CharacterSet, Loaded
+from .config import Config
+from .dialects import Dialect, SessionSettings
+from .errors import ServerSideError, TroupeError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Session:
+    def __init__(
+        self, ws: web.WebSocketResponse, dialect: Dialect, model: str | None,
+        pool: Pool, config: Config,
+    ) -> None:
+        self.id = protocol.new_id("sess")
+        self.ws = ws
+        self.dialect = dialect
+        self.config = config
+        self.settings = SessionSettings.initial(self.id, dialect, model)
+        self.characters = CharacterSet(pool, config, f"session {self.id}")
+        self.system_prompt: str | None = None
+        self.started = time.monotonic()
+        self._jobs: asyncio.Queue[protocol.ClientEventUnion | None] = asyncio.Queue()
+        self._reloads: collections.deque[float] = collections.deque()
+
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self.started
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves."""
+        worker = asyncio.create_task(self._work(), name=f"{self.id}-worker")
+        try:
+            if self.dialect is not Dialect.UNMUTE:
+                await self.send(protocol.SessionCreated(
+                    session=dialects.render(self.dialect, self.settings)))
+            await self._jobs.put(None)  # the initial load of the default directory
+            await self._receive()
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.characters.close()
+        metrics.forget_session(self.id)
+
+    async def send(self, event: protocol.ServerEvent) -> None:
+        event_type = type(event).__struct_config__.tag
+        assert isinstance(event_type, str)
+        if self.ws.closed or not dialects.accepts(self.dialect, event_type):
+            return
+        metrics.WEBSOCKET_EVENTS.labels(event_type, "out").inc()
+        try:
+            await self.ws.send_str(protocol.encode(event))
+        except ConnectionError:
+            pass  # the client is gone; the receive loop ends on its own
+
+    async def send_error(self, error: TroupeError, event_id: str | None = None) -> None:
+        await self.send(protocol.Error(error=protocol.ErrorDetails(
+            type=error.error_type, code=error.code, message=error.message,
+            param=error.param, details=error.details, event_id=event_id,
+        )))
+
+    # ── receiving ────────────────────────────────────────────────────────────
+
+    async def _receive(self) -> None:
+        limit = self.config.max_message_bytes
+        async for message in self.ws:
+            if message.type is WSMsgType.TEXT:
+                if len(message.data) > limit:
+                    metrics.WEBSOCKET_EVENTS.labels("oversized", "in").inc()
+                    await self.send_error(TroupeError(
+                        "message_too_large",
+                        f"a frame of {len(message.data)} bytes exceeds the limit of {limit}; "
+                        "split audio into smaller input_audio_buffer.append events",
+                    ))
+                    continue
+                await self._accept(message.data)
+            elif message.type is WSMsgType.BINARY:
+                metrics.WEBSOCKET_EVENTS.labels("binary", "in").inc()
+                await self.send_error(TroupeError(
+                    "invalid_event",
+                    "binary frames are not accepted: send JSON text events "
+                    "(audio goes base64-encoded in input_audio_buffer.append)",
+                ))
+            elif message.type is WSMsgType.ERROR:
+                log.info("%s: connection error: %s", self.id, self.ws.exception())
+                return
+
+    async def _accept(self, data: str) -> None:
+        try:
+            event = protocol.decode_client(data)
+        except protocol.InvalidEvent as exc:
+            metrics.WEBSOCKET_EVENTS.labels("invalid", "in").inc()
+            await self.send_error(
+                TroupeError("invalid_event", str(exc), param=exc.param), exc.event_id
+            )
+            return
+        metrics.WEBSOCKET_EVENTS.labels(type(event).__struct_config__.tag, "in").inc()
+        await self._jobs.put(event)
+
+    # ── the ordered worker ───────────────────────────────────────────────────
+
+    async def _work(self) -> None:
+        while True:
+            event = await self._jobs.get()
+            try:
+                await self._handle(event)
+            except TroupeError as exc:
+                await self.send_error(exc, event.event_id if event is not None else None)
+            except Exception:
+                log.exception("%s: failed to handle %r", self.id, event)
+                await self.send_error(
+                    ServerSideError("server_error", "internal error; the server logged it"),
+                    event.event_id if event is not None else None,
+                )
+            finally:
+                await self.characters.retire()
+
+    async def _handle(self, event: protocol.ClientEventUnion | None) -> None:
+        match event:
+            case None:
+                await self._load("default", reply=False)
+            case protocol.CharactersReload(directory=directory):
+                self._check_reload_rate()
+                await self._load(directory, reply=True)
+            case protocol.CharactersList():
+                await self._list()
+            case protocol.SessionUpdate(session=fields):
+                await self._update(fields)
+
+    async def _load(self, directory: str, reply: bool) -> None:
+        loaded = await self.characters.load(directory)
+        self.system_prompt = None
+        self.settings.voice = None
+        metrics.CHARACTER_LOAD_PER_SESSION.labels(self.id).inc()
+        metrics.SESSION_CHARACTER_COUNT.labels(self.id).set(len(loaded.characters))
+        if reply:
+            await self.send(_reloaded(loaded))
+
+    async def _list(self) -> None:
+        if self.characters.sandbox is None:
+            raise TroupeError(
+                "no_valid_characters",
+                "this session has no characters loaded; send session.characters.reload",
+            )
+        characters = await self._sandbox_call(self.characters.sandbox.list())
+        await self.send(protocol.CharactersListed(
+            directory=self.characters.directory,
+            character_count=len(characters),
+            characters=[_summary(c) for c in characters],
+        ))
+
+    async def _update(self, fields: protocol.SessionFields) -> None:
+        voice = self.settings.requested_voice(fields)
+        character = None
+        if voice is not None:
+            character = self.characters.find(voice)
+            if character is None:
+                names = ", ".join(c.name for c in self.characters.characters) or "none loaded"
+                raise TroupeError(
+                    "character_not_found",
+                    f"no character {voice!r} in this session's set ({names}); "
+                    "pick one from session.characters.list",
+                    param="session.voice",
+                )
+        self.settings.apply(fields)
+        if character is not None:
+            assert self.characters.sandbox is not None
+            self.system_prompt = await self._sandbox_call(
+                self.characters.sandbox.system_prompt(character.name)
+            )
+            self.settings.voice = character.name
+        await self.send(protocol.SessionUpdated(session=dialects.render(self.dialect, self.settings)))
+
+    async def _sandbox_call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except SandboxTimeout as exc:
+            raise ServerSideError("sandbox_timeout", str(exc)) from None
+        except SandboxCrashed as exc:
+            raise ServerSideError("sandbox_crashed", str(exc)) from None
+        except CallFailed as exc:
+            raise TroupeError(
+                "character_error",
+                f"character code raised {exc.error_type}: {exc}",
+                details={"traceback": exc.traceback},
+            ) from None
+
+    def _check_reload_rate(self) -> None:
+        now, limit = time.monotonic(), self.config.max_reloads_per_minute
+        while self._reloads and now - self._reloads[0] >= 60:
+            self._reloads.popleft()
+        if len(self._reloads) >= limit:
+            wait = 60 - (now - self._reloads[0])
+            raise TroupeError(
+                "rate_limited",
+                f"more than {limit} reloads in a minute; try again in {wait:.0f} s",
+                details={"retry_after_s": round(wait, 1)},
+            )
+        self._reloads.append(now)
+
+
+def _summary(character: CharacterInfo) -> protocol.CharacterSummary:
+    return protocol.CharacterSummary(character.name, character.good, character.comment)
+
+
+def _reloaded(loaded: Loaded) -> protocol.CharactersReloaded:
+    return protocol.CharactersReloaded(
+        directory=loaded.directory,
+        loaded_count=len(loaded.characters),
+        error_count=len(loaded.errors),
+        total_files=loaded.total_files,
+        characters=[_summary(c) for c in loaded.characters],
+        errors=[protocol.LoadError(e.file, e.error_type, e.message) for e in loaded.errors],
+        duration_ms=loaded.duration_ms,
+    )
