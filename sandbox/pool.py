@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .config import SandboxConfig
 from .containment import make_host_undumpable
 from .observer import Observer
-from .process import ChildProcess, start_forkserver
+from .process import ChildProcess, release_forkserver, start_forkserver
 
 _READY_TIMEOUT = 10.0
 
@@ -71,6 +71,7 @@ class Pool:
             await self.release(child)
         self._idle.clear()
         self._executor.shutdown(wait=True)
+        release_forkserver()
 
     async def _spawn(self) -> ChildProcess:
         started = time.perf_counter()

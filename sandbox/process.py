@@ -34,8 +34,9 @@ from . import child, wire
 from .config import ChildLimits
 
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(["sandbox.child"])
+_context.set_forkserver_preload(["sandbox.forkserver_init", "sandbox.child"])
 _forkserver_lock = threading.Lock()
+_forkserver_users = 0
 
 
 class _LeanPopen(popen_forkserver.Popen):
@@ -85,7 +86,9 @@ class ChildDied(Exception):
 def start_forkserver(safe_env: tuple[str, ...]) -> None:
     """Start the fork server (once per server process) with a scrubbed environment,
     so that no child, not even through ``/proc/self/environ``, sees our secrets."""
+    global _forkserver_users
     with _forkserver_lock:
+        _forkserver_users += 1
         saved = dict(os.environ)
         try:
             os.environ.clear()
@@ -94,6 +97,16 @@ def start_forkserver(safe_env: tuple[str, ...]) -> None:
         finally:
             os.environ.clear()
             os.environ.update(saved)
+
+
+def release_forkserver() -> None:
+    """Stop and reap the fork server once its last user is done with it, so that it
+    never outlives the server (nor lingers as a zombie where pid 1 does not reap)."""
+    global _forkserver_users
+    with _forkserver_lock:
+        _forkserver_users -= 1
+        if _forkserver_users == 0:
+            multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
 
 
 class ChildProcess:

@@ -1,0 +1,34 @@
+# Everything runs from a local virtualenv that the first target builds.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: start the server on http://127.0.0.1:8000 with the bundled characters/
+run: $(STAMP)
+	$(PY) -m server $(ARGS)
+
+## test: the whole test suite (real server on loopback, real sandbox children)
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check server sandbox tests scripts
+	$(VENV)/bin/mypy
+
+## bench: reload, session start and memory figures; last line is JSON
+bench: $(STAMP)
+	$(PY) -m scripts.bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

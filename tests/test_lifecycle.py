@@ -1,0 +1,114 @@
+"""Sessions leave nothing behind: no child processes, no fds, no metric series."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing.forkserver
+import os
+from pathlib import Path
+
+from aiohttp.test_utils import TestClient
+
+from server.app import SESSIONS
+
+from conftest import SCALE, Connect, MakeServer, character_source, write_directory
+
+
+def forkserver_children() -> set[int]:
+    """Pids of live (not zombie) processes whose parent is our fork server."""
+    server_pid = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rpartition(")")[2].split()[:2]
+        if int(ppid) == server_pid and state != "Z":
+            children.add(int(entry.name))
+    return children
+
+
+def processes_running(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def eventually(condition: object, attempts: int = 100) -> bool:
+    """Poll ``condition()`` a bounded number of times (the server closes sessions
+    asynchronously after the client's close frame)."""
+    for _ in range(int(attempts * SCALE)):
+        if condition():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.05)
+    return bool(condition())  # type: ignore[operator]
+
+
+async def metric_session_series(server: TestClient) -> list[str]:
+    text = await (await server.get("/metrics")).text()
+    return [line for line in text.splitlines() if "session_id=" in line]
+
+
+async def test_open_close_loop_leaves_nothing(
+    server: TestClient, connect: Connect, allowed_root: Path
+) -> None:
+    directory = write_directory(allowed_root, "small", {"a.py": character_source("A")})
+    warm = await connect()
+    await warm.names()
+    await warm.ws.close()
+    assert await eventually(lambda: not server.app[SESSIONS])
+    baseline_children, baseline_fds = forkserver_children(), open_fds()
+
+    for round_ in range(30):
+        session = await connect()
+        if round_ % 2:
+            await session.reload(directory)
+        assert await session.names()
+        await session.ws.close()
+
+    sessions = server.app[SESSIONS]
+    assert await eventually(lambda: not sessions)
+    assert await eventually(lambda: len(forkserver_children()) <= len(baseline_children))
+    assert await eventually(lambda: open_fds() <= baseline_fds)
+    assert await metric_session_series(server) == []
+
+
+async def test_no_process_survives_the_server(make_server: MakeServer, allowed_root: Path) -> None:
+    server = await make_server()
+    ws = await server.ws_connect("/v1/realtime?model=x", protocols=("realtime",))
+    await ws.receive_json()
+    await ws.close()
+
+    await server.close()
+
+    assert await eventually(lambda: forkserver_children() == set())
+
+
+async def test_grandchildren_die_with_the_session(connect: Connect, allowed_root: Path) -> None:
+    marker = "987654"
+    spawner = character_source("Spawner", body=f"""
+        import subprocess
+        subprocess.Popen(["sleep", "{marker}"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=False)
+        """)
+    session = await connect()
+    reloaded = await session.reload(write_directory(allowed_root, "spawn", {"s.py": spawner}))
+    assert [c["name"] for c in reloaded["characters"]] == ["Spawner"], reloaded
+    assert processes_running(f"sleep\x00{marker}"), "the grandchild never started"
+
+    await session.ws.close()
+
+    assert await eventually(lambda: not processes_running(f"sleep\x00{marker}"))
