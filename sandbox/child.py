@@ -107,11 +107,13 @@ class Child:
         except loader.PackageError as exc:
             raise loader.CharacterError("PackageError", str(exc)) from None
         errors: list[wire.FileError] = []
+        outputs = [self.output.take()[0]]
         for path in files:
             if path.name in exclude:
                 continue
             wire.write_frame(self.fd, wire.Progress(id=id, file=path.name))
             error = self._load_one(path)
+            outputs.append(self.output.take()[0])
             if error is not None:
                 errors.append(wire.FileError(file=path.name, error_type=error[0], message=error[1]))
         gc.collect()
@@ -121,18 +123,22 @@ class Child:
             total_files=len(files),
             characters=[c.info for c in self.characters.values()],
             errors=errors,
-            output=self.output.take()[0],
+            output="".join(outputs)[: self.output.limit],
         )
 
     def _load_one(self, path: Path) -> tuple[str, str] | None:
         try:
             character = loader.load_file(path)
         except BaseException as exc:  # character code may raise anything, SystemExit too
-            if self.output.take()[1]:
-                return "OutputLimitExceeded", "the file wrote too much to stdout/stderr"
-            return loader.describe(exc)
-        if self.output.take()[1]:
-            return "OutputLimitExceeded", "the file wrote too much to stdout/stderr"
+            failure: tuple[str, str] | None = loader.describe(exc)
+        else:
+            failure = None
+        if self.output.overflowed:
+            return "OutputLimitExceeded", (
+                f"the file wrote more than {self.output.limit} bytes to stdout/stderr"
+            )
+        if failure is not None:
+            return failure
         name = character.info.name
         if name in self.characters:
             first = self.characters[name].info.file

@@ -39,7 +39,7 @@ class CappedOutput(io.TextIOBase):
     """A text stream that keeps the first ``limit`` bytes and then refuses writes."""
 
     def __init__(self, limit: int) -> None:
-        self._limit = limit
+        self.limit = limit
         self._parts: list[str] = []
         self._size = 0
         self.overflowed = False
@@ -48,9 +48,9 @@ class CappedOutput(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        if self._size + len(text) > self._limit:
+        if self._size + len(text) > self.limit:
             self.overflowed = True
-            raise OutputLimitExceeded(f"more than {self._limit} bytes written to stdout/stderr")
+            raise OutputLimitExceeded(f"more than {self.limit} bytes written to stdout/stderr")
         self._parts.append(text)
         self._size += len(text)
         return len(text)

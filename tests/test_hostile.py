@@ -25,6 +25,10 @@ HOSTILE = {
     "c_segfaults.py": "import ctypes\nctypes.string_at(0)\n",
     "d_hogs_memory.py": "hoard = []\nwhile True:\n    hoard.append(bytearray(16 * 1024 * 1024))\n",
     "e_floods.py": "while True:\n    print('x' * 65536)\n",
+    "e_floods_and_carries_on.py": (
+        "for _ in range(100):\n    try:\n        print('x' * 65536)\n"
+        "    except BaseException:\n        pass\n"
+    ),
 }
 EXPECTED_ERRORS = {
     "a_loops.py": "Timeout",
@@ -32,6 +36,7 @@ EXPECTED_ERRORS = {
     "c_segfaults.py": "Crashed",
     "d_hogs_memory.py": "MemoryLimitExceeded",
     "e_floods.py": "OutputLimitExceeded",
+    "e_floods_and_carries_on.py": "OutputLimitExceeded",
 }
 
 

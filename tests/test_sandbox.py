@@ -1,0 +1,178 @@
+"""The sandbox on its own: real children, no server."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from conftest import SCALE, character_source, write_directory
+from sandbox import (
+    CallFailed,
+    ChildLimits,
+    Observer,
+    Pool,
+    Sandbox,
+    SandboxConfig,
+    SandboxCrashed,
+    SandboxTimeout,
+)
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        self.outputs: list[str] = []
+        self.crashes: list[str] = []
+
+    def output(self, label: str, text: str) -> None:
+        self.outputs.append(text)
+
+    def crashed(self, label: str, reason: str) -> None:
+        self.crashes.append(reason)
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    pool = Pool(
+        SandboxConfig(limits=ChildLimits(memory_mb=256), file_timeout=1.0 * SCALE,
+                      call_timeout=1.0 * SCALE, pool_size=1),
+        Recorder(),
+    )
+    await pool.start()
+    yield pool
+    await pool.close()
+
+
+def prompt_character(name: str, prompt_body: str, top: str = "") -> str:
+    """A character whose make_system_prompt runs ``prompt_body`` (returning a str)."""
+    source = character_source(name, body=top)
+    return source.replace('        return self.instructions["text"]', prompt_body)
+
+
+async def loaded(pool: Pool, directory: Path) -> Sandbox:
+    sandbox = Sandbox(pool, "test")
+    await sandbox.start(str(directory))
+    return sandbox
+
+
+async def test_prompt_crash_restarts_on_the_same_directory(pool: Pool, tmp_path: Path) -> None:
+    directory = write_directory(tmp_path, "d", {
+        "crash.py": prompt_character("Crash", "        import os; os._exit(9)"),
+        "fine.py": character_source("Fine", prompt="still here"),
+    })
+    sandbox = await loaded(pool, directory)
+    first_pid = await sandbox.ping()
+
+    with pytest.raises(SandboxCrashed, match="exited with code 9"):
+        await sandbox.system_prompt("Crash")
+
+    assert await sandbox.system_prompt("Fine") == "still here"
+    assert await sandbox.ping() != first_pid
+    await sandbox.close()
+
+
+async def test_prompt_hang_times_out_and_restarts(pool: Pool, tmp_path: Path) -> None:
+    directory = write_directory(tmp_path, "d", {
+        "hang.py": prompt_character("Hang", "        while True: pass"),
+        "fine.py": character_source("Fine", prompt="still here"),
+    })
+    sandbox = await loaded(pool, directory)
+
+    with pytest.raises(SandboxTimeout):
+        await sandbox.system_prompt("Hang")
+
+    assert await sandbox.system_prompt("Fine") == "still here"
+    await sandbox.close()
+
+
+async def test_character_exception_comes_back_with_its_traceback(pool: Pool, tmp_path: Path) -> None:
+    directory = write_directory(tmp_path, "d", {
+        "oops.py": prompt_character("Oops", "        raise KeyError('no such mood')"),
+    })
+    sandbox = await loaded(pool, directory)
+    pid = await sandbox.ping()
+
+    with pytest.raises(CallFailed) as failure:
+        await sandbox.system_prompt("Oops")
+
+    assert failure.value.error_type == "KeyError"
+    assert "oops.py" in failure.value.traceback
+    assert await sandbox.ping() == pid  # an exception does not cost the child
+    await sandbox.close()
+
+
+async def test_tools_are_called_in_the_sandbox_and_keep_state(pool: Pool, tmp_path: Path) -> None:
+    counter = character_source("Counter") + """
+TOOLS = [{"type": "function", "function": {
+    "name": "count", "description": "Count one more.",
+    "parameters": {"type": "object", "properties": {"step": {"type": "integer"}}}}}]
+
+def _handle(self, name, arguments):
+    self.total = getattr(self, "total", 0) + arguments.get("step", 1)
+    import os
+    return f"{self.total} in {os.getpid()}"
+
+PromptGenerator.handle_tool_call = _handle
+"""
+    sandbox = await loaded(pool, write_directory(tmp_path, "d", {"counter.py": counter}))
+
+    tools = await sandbox.tools("Counter")
+    first = await sandbox.call_tool("Counter", "count", {"step": 2})
+    second = await sandbox.call_tool("Counter", "count", {"step": 3})
+
+    assert [tool["function"]["name"] for tool in tools] == ["count"]
+    assert first.split() == ["2", "in", str(sandbox.pid)]
+    assert second.startswith("5 in ")
+    assert sandbox.pid != os.getpid()
+    with pytest.raises(CallFailed, match="no tool named"):
+        await sandbox.call_tool("Counter", "format_disk", {})
+    await sandbox.close()
+
+
+async def test_child_is_contained(pool: Pool, tmp_path: Path) -> None:
+    report = prompt_character("Inspector", """
+        import json, os, resource, sys
+        return json.dumps({
+            "own_group": os.getpgid(0) == os.getpid(),
+            "memory_limit": resource.getrlimit(resource.RLIMIT_AS)[0],
+            "open_files": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "file_size": resource.getrlimit(resource.RLIMIT_FSIZE)[0],
+            "stdin": os.readlink("/proc/self/fd/0"),
+            "environment": sorted(os.environ),
+            "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+        })""")
+    sandbox = await loaded(pool, write_directory(tmp_path, "d", {"i.py": report}))
+
+    seen = json.loads(await sandbox.system_prompt("Inspector"))
+
+    assert seen["own_group"] is True
+    assert seen["memory_limit"] == 256 * 1024 * 1024
+    assert seen["open_files"] == 64
+    assert seen["file_size"] == 1024 * 1024
+    assert seen["stdin"] == "/dev/null"
+    assert set(seen["environment"]) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
+                                        "TROUPE_LLM_NAME"}
+    assert len(seen["fds"]) <= 6  # std fds, the channel, the parent sentinel, the listdir
+    await sandbox.close()
+
+
+async def test_output_is_captured_and_reported(pool: Pool, tmp_path: Path) -> None:
+    chatty = character_source("Chatty", body="print('hello from import')\n")
+    sandbox = await loaded(pool, write_directory(tmp_path, "d", {"c.py": chatty}))
+
+    assert isinstance(pool.observer, Recorder)
+    assert any("hello from import" in text for text in pool.observer.outputs)
+    await sandbox.close()
+
+
+async def test_closing_kills_and_reaps_the_child(pool: Pool, tmp_path: Path) -> None:
+    sandbox = await loaded(pool, write_directory(tmp_path, "d", {"a.py": character_source("A")}))
+    pid = await sandbox.ping()
+
+    await sandbox.close()
+
+    assert not Path(f"/proc/{pid}").exists()
+    assert pid not in pool.live_pids
