@@ -88,7 +88,7 @@ def _redirect_standard_fds() -> None:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    sys.stdin = None  # type: ignore[assignment]
+    sys.stdin = None
 
 
 def _scrub_environment(safe: tuple[str, ...]) -> None:

@@ -18,6 +18,7 @@ caller once it has loaded, then the old one closed.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from typing import Any
 
@@ -30,7 +31,9 @@ from .process import ChildDied, ChildProcess
 class LoadReport:
     """The outcome of loading one directory."""
 
-    def __init__(self, loaded: wire.Loaded, errors: list[wire.FileError], seconds: float) -> None:
+    def __init__(
+        self, loaded: wire.Loaded, errors: builtins.list[wire.FileError], seconds: float
+    ) -> None:
         self.directory = loaded.directory
         self.total_files = loaded.total_files
         self.characters = loaded.characters
@@ -53,7 +56,7 @@ class Sandbox:
         self._child: ChildProcess | None = None
         self._lock = asyncio.Lock()
         self._directory: str | None = None
-        self._excluded: list[str] = []
+        self._excluded: builtins.list[str] = []
         self._max_characters = 100
         self.report: LoadReport | None = None
 
@@ -86,7 +89,7 @@ class Sandbox:
             self._observer.call("load", self.report.seconds)
             return self.report
 
-    async def list(self) -> list[wire.CharacterInfo]:
+    async def list(self) -> builtins.list[wire.CharacterInfo]:
         reply = await self._call(lambda id: wire.ListCharacters(id=id), "list")
         assert isinstance(reply, wire.Listed)
         return reply.characters
@@ -96,7 +99,7 @@ class Sandbox:
         assert isinstance(reply, wire.Prompt)
         return reply.text
 
-    async def tools(self, name: str) -> list[dict[str, Any]]:
+    async def tools(self, name: str) -> builtins.list[dict[str, Any]]:
         reply = await self._call(lambda id: wire.GetTools(id=id, name=name), "tools")
         assert isinstance(reply, wire.Tools)
         return reply.tools
@@ -123,11 +126,11 @@ class Sandbox:
     # ── internals ────────────────────────────────────────────────────────────
 
     async def _load(
-        self, directory: str, exclude: list[str], max_characters: int
-    ) -> tuple[ChildProcess, wire.Loaded, list[wire.FileError]]:
+        self, directory: str, exclude: builtins.list[str], max_characters: int
+    ) -> tuple[ChildProcess, wire.Loaded, builtins.list[wire.FileError]]:
         """Load into fresh children until one survives; each killer file is excluded."""
-        errors: list[wire.FileError] = []
-        exclude = list(exclude)
+        errors: builtins.list[wire.FileError] = []
+        exclude = builtins.list(exclude)
         for _ in range(self._config.max_restarts_per_load + 1):
             child = await self._pool.acquire()
             try:
@@ -151,7 +154,7 @@ class Sandbox:
         )
 
     async def _load_into(
-        self, child: ChildProcess, directory: str, exclude: list[str], max_characters: int
+        self, child: ChildProcess, directory: str, exclude: builtins.list[str], max_characters: int
     ) -> wire.Loaded:
         request = wire.Load(
             id=child.next_id(), directory=directory, exclude=exclude, max_characters=max_characters

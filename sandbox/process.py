@@ -19,9 +19,9 @@ import io
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import sys
 import signal
 import socket
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import context, popen_forkserver, reduction, util
@@ -65,9 +65,13 @@ class _LeanPopen(popen_forkserver.Popen):
             reduction.dump(process_obj, buf)
         finally:
             context.set_spawning_popen(None)
-        self.sentinel, w = multiprocessing.forkserver.connect_to_new_process(self._fds)
+        self.sentinel, w = multiprocessing.forkserver.connect_to_new_process(
+            self._fds  # type: ignore[attr-defined]  # set by popen_forkserver.Popen.__init__
+        )
         parent_w = os.dup(w)  # the child's parent sentinel: closes when we close it
-        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        self.finalizer = util.Finalize(
+            self, util.close_fds, (parent_w, self.sentinel)  # type: ignore[attr-defined]
+        )
         with open(w, "wb", closefd=True) as pipe:
             pipe.write(buf.getbuffer())
         self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
@@ -127,7 +131,9 @@ class ChildProcess:
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     @classmethod
-    async def spawn(cls, limits: ChildLimits, executor: ThreadPoolExecutor, ready_timeout: float) -> ChildProcess:
+    async def spawn(
+        cls, limits: ChildLimits, executor: ThreadPoolExecutor, ready_timeout: float
+    ) -> ChildProcess:
         """Start a child through the fork server and wait for its first Pong."""
         process, conn = await asyncio.get_running_loop().run_in_executor(
             executor, _start_process, msgspec.msgpack.encode(limits)
@@ -190,13 +196,17 @@ class ChildProcess:
                 return f"it was killed by signal {-code}"
         return f"it exited with code {code}"
 
-    async def wait_exit(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the process to end on its own (reads the sentinel)."""
+    async def wait_exit(self, within: float) -> None:
+        """Wait up to ``within`` seconds for the process to end on its own (reads the sentinel)."""
         waiter = self._loop.create_future()
         sentinel = self.process.sentinel
-        self._loop.add_reader(sentinel, lambda: waiter.done() or waiter.set_result(None))
+        def exited() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        self._loop.add_reader(sentinel, exited)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 await waiter
         except TimeoutError:
             return

@@ -160,11 +160,13 @@ def encode(message: Message) -> bytes:
 
 
 def decode_request(payload: bytes) -> Request:
-    return _request_decoder.decode(payload)
+    request: Request = _request_decoder.decode(payload)
+    return request
 
 
 def decode_reply(payload: bytes) -> Reply:
-    return _reply_decoder.decode(payload)
+    reply: Reply = _reply_decoder.decode(payload)
+    return reply
 
 
 class FrameTooLarge(ValueError):

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sandbox import ChildLimits, SandboxConfig
 
@@ -123,5 +124,7 @@ def _field(attribute: str) -> str:
     return attribute.removeprefix("sandbox_")
 
 
-def _values(args: argparse.Namespace, options: list[tuple[str, str, type, str]]) -> dict:
+def _values(
+    args: argparse.Namespace, options: list[tuple[str, str, type, str]]
+) -> dict[str, Any]:
     return {_field(_attribute(o)): getattr(args, _attribute(o)) for o, *_ in options}

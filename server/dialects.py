@@ -95,11 +95,13 @@ class SessionSettings:
         turn_detection = update.turn_detection
         if update.audio is not None:
             if update.audio.input is not None:
-                input_format = _format(update.audio.input.format, "session.audio.input.format") or input_format
+                given = _format(update.audio.input.format, "session.audio.input.format")
+                input_format = given or input_format
                 if update.audio.input.turn_detection is not msgspec.UNSET:
                     turn_detection = update.audio.input.turn_detection
             if update.audio.output is not None:
-                output_format = _format(update.audio.output.format, "session.audio.output.format") or output_format
+                given = _format(update.audio.output.format, "session.audio.output.format")
+                output_format = given or output_format
         if update.instructions is not None:
             self.instructions = update.instructions
         if update.allow_recording is not None:
@@ -112,7 +114,7 @@ class SessionSettings:
         if output_format is not None:
             self.output_audio_format = output_format
         if turn_detection is not msgspec.UNSET:
-            self.turn_detection = turn_detection  # type: ignore[assignment]
+            self.turn_detection = turn_detection
         if update.temperature is not None:
             self.temperature = update.temperature
         if update.tools is not None:

@@ -101,7 +101,8 @@ def decode_client(data: str | bytes) -> ClientEventUnion:
     """Decode one client frame. Raises ``InvalidEvent`` with a message that says what
     to fix."""
     try:
-        return _client_decoder.decode(data)
+        event: ClientEventUnion = _client_decoder.decode(data)
+        return event
     except msgspec.DecodeError as exc:
         error = exc
     try:

@@ -198,7 +198,8 @@ class Session:
                 self.characters.sandbox.system_prompt(character.name)
             )
             self.settings.voice = character.name
-        await self.send(protocol.SessionUpdated(session=dialects.render(self.dialect, self.settings)))
+        rendered = dialects.render(self.dialect, self.settings)
+        await self.send(protocol.SessionUpdated(session=rendered))
 
     async def _sandbox_call(self, call: Awaitable[T]) -> T:
         try:

@@ -110,18 +110,19 @@ class Realtime:
     async def send(self, event: dict[str, Any]) -> None:
         await self.ws.send_str(json.dumps(event))
 
-    async def receive(self, timeout: float = 20.0) -> dict[str, Any]:
-        message = await self.ws.receive(timeout=timeout * SCALE)
+    async def receive(self, within: float = 20.0) -> dict[str, Any]:
+        message = await self.ws.receive(timeout=within * SCALE)
         assert message.type is aiohttp.WSMsgType.TEXT, f"expected an event, got {message!r}"
         event: dict[str, Any] = json.loads(message.data)
         return event
 
-    async def request(self, event: dict[str, Any], timeout: float = 20.0) -> dict[str, Any]:
+    async def request(self, event: dict[str, Any], within: float = 20.0) -> dict[str, Any]:
         await self.send(event)
-        return await self.receive(timeout)
+        return await self.receive(within)
 
     async def reload(self, directory: str | Path) -> dict[str, Any]:
-        return await self.request({"type": "session.characters.reload", "directory": str(directory)})
+        reload = {"type": "session.characters.reload", "directory": str(directory)}
+        return await self.request(reload)
 
     async def names(self) -> list[str]:
         listed = await self.request({"type": "session.characters.list"})

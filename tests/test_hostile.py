@@ -12,9 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-
 import pytest
-
 from conftest import Connect, character_source, write_directory
 
 SECRET = "troupe-test-secret-5f1c9a"
@@ -57,7 +55,8 @@ def env_probe(name: str) -> str:
             for entry in os.listdir("/proc"):
                 if entry.isdigit():
                     try:
-                        seen.append(open(f"/proc/{{entry}}/environ", "rb").read().decode(errors="replace"))
+                        with open(f"/proc/{{entry}}/environ", "rb") as environ:
+                            seen.append(environ.read().decode(errors="replace"))
                     except OSError:
                         pass
             return " | ".join(seen)

@@ -21,7 +21,9 @@ def two_charles(root: Path) -> tuple[Path, Path]:
     return first, second
 
 
-async def test_sessions_see_only_their_own_directory(connect: Connect, allowed_root: Path) -> None:
+async def test_sessions_see_only_their_own_directory(
+    connect: Connect, allowed_root: Path
+) -> None:
     first, second = two_charles(allowed_root)
     alice, bob = await connect(), await connect()
 
@@ -42,7 +44,8 @@ async def test_concurrent_reloads_never_mix_sets(connect: Connect, allowed_root:
     expected = {first: {"Anne", "Charles the First"}, second: {"Bruno", "Charles the Second"}}
 
     for _ in range(3):
-        replies = await asyncio.gather(*(s.reload(d) for s, d in zip(sessions, wanted, strict=True)))
+        pairs = zip(sessions, wanted, strict=True)
+        replies = await asyncio.gather(*(session.reload(d) for session, d in pairs))
         for reply, directory in zip(replies, wanted, strict=True):
             assert reply["directory"] == str(directory)
             assert {c["name"] for c in reply["characters"]} == expected[directory]
@@ -53,7 +56,9 @@ async def test_concurrent_reloads_never_mix_sets(connect: Connect, allowed_root:
         assert set(names) == expected[directory]
 
 
-async def test_prompt_comes_from_the_sessions_own_file(connect: Connect, allowed_root: Path) -> None:
+async def test_prompt_comes_from_the_sessions_own_file(
+    connect: Connect, allowed_root: Path
+) -> None:
     first, second = two_charles(allowed_root)
     alice, bob = await connect(), await connect()
     await asyncio.gather(alice.reload(first), bob.reload(second))

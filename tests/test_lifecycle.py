@@ -8,10 +8,9 @@ import os
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient
+from conftest import SCALE, Connect, MakeServer, character_source, write_directory
 
 from server.app import SESSIONS
-
-from conftest import SCALE, Connect, MakeServer, character_source, write_directory
 
 
 def forkserver_children() -> set[int]:
