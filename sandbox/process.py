@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing import context, popen_forkserver, reduction, util
+from multiprocessing import context, popen_forkserver, reduction, resource_tracker, util
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -104,13 +104,17 @@ def start_forkserver(safe_env: tuple[str, ...]) -> None:
 
 
 def release_forkserver() -> None:
-    """Stop and reap the fork server once its last user is done with it, so that it
-    never outlives the server (nor lingers as a zombie where pid 1 does not reap)."""
+    """Stop and reap the fork server (and its resource tracker) once its last user is
+    done with it, so that neither outlives the server nor lingers as a zombie where
+    pid 1 does not reap."""
     global _forkserver_users
     with _forkserver_lock:
         _forkserver_users -= 1
         if _forkserver_users == 0:
             multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
+            # The fork server started a resource tracker beside it; we use no shared
+            # resources it would track, so it goes too.
+            resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
 
 
 class ChildProcess:

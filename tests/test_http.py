@@ -1,0 +1,247 @@
+"""The HTTP side (DESIGN.md §6, §7): health, voices, the deprecated server-wide reload,
+metrics, the admin session list, the session cap, and the configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import SCALE, Connect, MakeServer, character_source, write_directory
+
+from server.config import Config, parse
+
+SESSION_SERIES = re.compile(r'^session_character_count\{session_id="([^"]+)"\} (\S+)$', re.M)
+
+
+async def get_json(client: TestClient, path: str, **kwargs: Any) -> tuple[int, Any]:
+    response = await client.get(path, **kwargs)
+    return response.status, await response.json()
+
+
+async def voice_names(client: TestClient) -> set[str]:
+    status, voices = await get_json(client, "/v1/voices")
+    assert status == 200
+    return {voice["name"] for voice in voices}
+
+
+async def metrics(client: TestClient) -> str:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    return await response.text()
+
+
+async def eventually(condition: Any, attempts: int = 200) -> bool:
+    """Poll an async ``condition`` until it holds, a bounded number of times."""
+    for _ in range(attempts):
+        if await condition():
+            return True
+        await asyncio.sleep(0.01 * SCALE)
+    return False
+
+
+# ── health and voices ────────────────────────────────────────────────────────
+
+
+async def test_health_has_the_keys_unmute_clients_read(server: TestClient) -> None:
+    status, health = await get_json(server, "/v1/health")
+
+    assert status == 200
+    assert health["ok"] is True
+    for key in ("stt_up", "llm_up", "tts_up", "voice_cloning_up"):
+        assert isinstance(health[key], bool), key
+
+
+async def test_voices_lists_only_good_characters_in_unmutes_shape(
+    server: TestClient, connect: Connect
+) -> None:
+    listed = await (await connect()).request({"type": "session.characters.list"})
+    good = {c["name"] for c in listed["characters"] if c["good"] is True}
+
+    status, voices = await get_json(server, "/v1/voices")
+
+    assert status == 200
+    assert "Captain Tuesday" in {c["name"] for c in listed["characters"]}
+    assert "Captain Tuesday" not in good
+    assert {voice["name"] for voice in voices} == good
+    for voice in voices:
+        assert set(voice) == {"name", "good", "source"}
+        assert voice["good"] is True
+        assert isinstance(voice["source"]["source_type"], str)
+
+
+# ── the deprecated server-wide reload ────────────────────────────────────────
+
+
+async def test_http_reload_changes_voices_but_not_live_sessions(
+    make_server: MakeServer, connect: Connect, tmp_path: Path
+) -> None:
+    directory = write_directory(tmp_path, "server-wide", {"anne.py": character_source("Anne")})
+    client = await make_server(characters_dir=directory)
+    session = await connect(on=client)
+    assert await session.names() == ["Anne"]
+    assert await voice_names(client) == {"Anne"}
+
+    write_directory(tmp_path, "server-wide", {
+        "anne.py": character_source("Anne Marie"),
+        "bruno.py": character_source("Bruno"),
+    })
+    response = await client.post("/v1/characters/reload")
+
+    assert response.status == 200
+    assert "Deprecation" in response.headers
+    assert (await response.json())["loaded_count"] == 2
+    assert await voice_names(client) == {"Anne Marie", "Bruno"}
+    assert await session.names() == ["Anne"]
+
+
+# ── metrics ──────────────────────────────────────────────────────────────────
+
+
+async def test_metrics_keep_a_series_per_live_session_only(
+    server: TestClient, connect: Connect
+) -> None:
+    session = await connect()
+    names = await session.names()  # answered after the session's first load
+
+    text = await metrics(server)
+
+    assert "character_reload_duration_seconds" in text
+    series = SESSION_SERIES.findall(text)
+    assert len(series) == 1, series
+    assert float(series[0][1]) == len(names)
+
+    await session.ws.close()
+
+    async def no_session_series() -> bool:
+        return "session_id=" not in await metrics(server)
+
+    assert await eventually(no_session_series), await metrics(server)
+
+
+# ── the admin session list ───────────────────────────────────────────────────
+
+
+async def test_session_list_is_off_without_an_admin_token(server: TestClient) -> None:
+    response = await server.get("/v1/sessions", headers={"Authorization": "Bearer t"})
+
+    assert response.status == 404
+
+
+@pytest.mark.parametrize("headers", [
+    pytest.param({}, id="no-token"),
+    pytest.param({"Authorization": "Bearer wrong"}, id="wrong-token"),
+])
+async def test_session_list_refuses_a_wrong_token(
+    make_server: MakeServer, headers: dict[str, str]
+) -> None:
+    client = await make_server(admin_token="t")
+
+    response = await client.get("/v1/sessions", headers=headers)
+
+    assert response.status == 401
+
+
+async def test_session_list_shows_live_sessions_with_their_sandbox(
+    make_server: MakeServer, connect: Connect
+) -> None:
+    client = await make_server(admin_token="t")
+    session = await connect(on=client)
+    names = await session.names()
+
+    status, sessions = await get_json(client, "/v1/sessions",
+                                      headers={"Authorization": "Bearer t"})
+
+    assert status == 200
+    assert len(sessions) == 1
+    assert sessions[0]["characters"] == names
+    pid = sessions[0]["sandbox_pid"]
+    assert isinstance(pid, int)
+    os.kill(pid, 0)  # a live process: raises ProcessLookupError otherwise
+
+
+# ── the session cap ──────────────────────────────────────────────────────────
+
+
+async def test_a_full_server_closes_new_connections_with_1013(
+    make_server: MakeServer, connect: Connect
+) -> None:
+    client = await make_server(max_sessions=1)
+    first = await connect(on=client)
+    names = await first.names()
+
+    second = await client.ws_connect("/v1/realtime?model=m", protocols=("realtime",))
+    try:
+        closing = await second.receive(timeout=20 * SCALE)
+    finally:
+        await second.close()
+
+    assert closing.type is aiohttp.WSMsgType.CLOSE
+    assert second.close_code == 1013
+    assert "full" in closing.extra
+    assert await first.names() == names
+
+
+# ── configuration ────────────────────────────────────────────────────────────
+
+
+def help_blocks(text: str) -> dict[str, str]:
+    """Each option of ``--help`` output → its help text, whitespace collapsed."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            option = line.split()[0].rstrip(",")
+            current = blocks.setdefault(option, [])
+            current.append(line)
+        elif line.startswith("   ") and current is not None:
+            current.append(line)
+        else:
+            current = None
+    return {option: " ".join(" ".join(lines).split()) for option, lines in blocks.items()}
+
+
+def test_help_documents_every_option_with_its_environment_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse(["--help"], {})
+    blocks = help_blocks(capsys.readouterr().out)
+
+    assert exited.value.code == 0
+    for option, text in blocks.items():
+        if option not in ("-h", "--help"):
+            assert "env TROUPE_" in text, (option, text)
+    for field in dataclasses.fields(Config):
+        if field.name == "sandbox":
+            continue
+        option = "--allowed-root" if field.name == "allowed_roots" else (
+            "--" + field.name.replace("_", "-"))
+        assert option in blocks, option
+        assert f"TROUPE_{field.name.upper()}" in blocks[option], blocks[option]
+    for option in ("--call-timeout", "--load-timeout", "--file-timeout",
+                   "--sandbox-pool-size", "--sandbox-memory-mb"):
+        assert option in blocks, option
+
+
+ENVIRONMENT = {"TROUPE_PORT": "9000", "TROUPE_ALLOWED_ROOTS": "/a:/b"}
+
+
+def test_configuration_comes_from_the_environment() -> None:
+    config = parse([], ENVIRONMENT)
+
+    assert config.port == 9000
+    assert config.allowed_roots == (Path("/a"), Path("/b"))
+
+
+def test_the_command_line_wins_over_the_environment() -> None:
+    config = parse(["--port", "9100", "--allowed-root", "/c"], ENVIRONMENT)
+
+    assert config.port == 9100
+    assert config.allowed_roots == (Path("/c"),)
