@@ -14,7 +14,6 @@ starts from that copy.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import sys
@@ -116,7 +115,6 @@ class Child:
             outputs.append(self.output.take()[0])
             if error is not None:
                 errors.append(wire.FileError(file=path.name, error_type=error[0], message=error[1]))
-        gc.collect()
         return wire.Loaded(
             id=id,
             directory=str(directory),

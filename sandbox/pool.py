@@ -51,8 +51,8 @@ class Pool:
 
     async def release(self, child: ChildProcess) -> None:
         """Kill a child acquired from this pool and reap it."""
-        await child.kill()
         self._live.discard(child)
+        await child.kill()
 
     @property
     def idle(self) -> int:

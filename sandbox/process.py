@@ -34,7 +34,8 @@ from . import child, wire
 from .config import ChildLimits
 
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(["sandbox.forkserver_init", "sandbox.child"])
+# forkserver_init comes last: it freezes what the others imported.
+_context.set_forkserver_preload(["sandbox.child", "sandbox.forkserver_init"])
 _forkserver_lock = threading.Lock()
 _forkserver_users = 0
 
@@ -115,6 +116,10 @@ def release_forkserver() -> None:
             # The fork server started a resource tracker beside it; we use no shared
             # resources it would track, so it goes too.
             resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
+
+
+_reaping: set[asyncio.Future[None]] = set()
+"""Reaps in progress, kept here so that a cancelled ``kill`` still finishes its own."""
 
 
 class ChildProcess:
@@ -219,20 +224,30 @@ class ChildProcess:
         self.process.join(0)
 
     async def kill(self) -> None:
-        """SIGKILL the child's process group, wait until it is gone, close every fd."""
+        """SIGKILL the child's process group, close the channel, and reap.
+
+        Cancelling the caller does not stop the reaping: it runs in a shielded task
+        that the module keeps until the process is gone and its fds are closed.
+        """
         if self._closed:
             return
+        self._closed = True
         self._die("the sandbox killed it")
         if self.process.exitcode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            await self.wait_exit(5.0)
-        self._closed = True
-        self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
         self._conn.close()
+        reaping = asyncio.ensure_future(self._reap())
+        _reaping.add(reaping)
+        reaping.add_done_callback(_reaping.discard)
+        await asyncio.shield(reaping)
+
+    async def _reap(self) -> None:
+        if self.process.exitcode is None:
+            await self.wait_exit(5.0)
         if self.process.exitcode is not None:
             self.process.close()
 
@@ -256,7 +271,7 @@ class ChildProcess:
     def _die(self, reason: str) -> None:
         if self.dead_reason is None:
             self.dead_reason = reason
-            self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_reader(self._sock)
             self._replies.put_nowait(None)
 
 
