@@ -14,12 +14,14 @@ starts from that copy.
 
 from __future__ import annotations
 
+import marshal
 import multiprocessing
 import os
 import sys
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import msgspec
@@ -58,8 +60,8 @@ class Child:
 
     def handle(self, request: wire.Request) -> wire.Reply:
         match request:
-            case wire.Load(id, directory, exclude, max_characters):
-                return self.load(id, Path(directory), set(exclude), max_characters)
+            case wire.Load(id, directory, exclude, max_characters, code):
+                return self.load(id, Path(directory), set(exclude), max_characters, code)
             case wire.ListCharacters(id):
                 return wire.Listed(id=id, characters=[c.info for c in self.characters.values()])
             case wire.SystemPrompt(id, name):
@@ -90,43 +92,81 @@ class Child:
             raise TypeError(f"handle_tool_call() returned {type(result).__name__}, not str")
         return result
 
-    def load(self, id: int, directory: Path, exclude: set[str], max_characters: int) -> wire.Reply:
+    def load(
+        self, id: int, directory: Path, exclude: set[str], max_characters: int,
+        cached: list[wire.CodeBlob],
+    ) -> wire.Reply:
         if self.loaded:
             raise RuntimeError("this sandbox already holds a directory; start a new one")
         self.loaded = True
-        files = loader.character_files(directory)
-        if len(files) > max_characters:
+        candidates = loader.character_files(directory)
+        if len(candidates) > max_characters:
             raise loader.CharacterError(
                 "TooManyCharacters",
-                f"{directory} holds {len(files)} character files; the limit is {max_characters}",
+                f"{directory} holds {len(candidates)} character files; "
+                f"the limit is {max_characters}",
             )
-        wire.write_frame(self.fd, wire.Progress(id=id, file="__init__.py"))
+        files = [path for path in candidates if path.name not in exclude]
+        init = directory / "__init__.py"
+        code, failures = self._compile(id, ([init] if init.is_file() else []) + files, cached)
+        if init.name in failures:
+            error_type, message = failures[init.name]
+            raise loader.CharacterError("PackageError", f"{init}: {error_type}: {message}")
+        wire.write_frame(self.fd, wire.Progress(id=id, file=init.name))
         try:
-            loader.import_package(directory)
+            loader.import_package(directory, code.get(init.name))
         except loader.PackageError as exc:
             raise loader.CharacterError("PackageError", str(exc)) from None
         errors: list[wire.FileError] = []
         outputs = [self.output.take()[0]]
         for path in files:
-            if path.name in exclude:
-                continue
             wire.write_frame(self.fd, wire.Progress(id=id, file=path.name))
-            error = self._load_one(path)
+            error = failures.get(path.name) or self._load_one(path, code[path.name])
             outputs.append(self.output.take()[0])
             if error is not None:
                 errors.append(wire.FileError(file=path.name, error_type=error[0], message=error[1]))
         return wire.Loaded(
             id=id,
             directory=str(directory),
-            total_files=len(files),
+            total_files=len(candidates),
             characters=[c.info for c in self.characters.values()],
             errors=errors,
             output="".join(outputs)[: self.output.limit],
         )
 
-    def _load_one(self, path: Path) -> tuple[str, str] | None:
+    def _compile(
+        self, id: int, paths: list[Path], cached: list[wire.CodeBlob]
+    ) -> tuple[dict[str, CodeType], dict[str, tuple[str, str]]]:
+        """Code for every path, from the host's cache when the stamp matches, else
+        compiled here; the fresh ones go to the host before any character code runs."""
+        by_file = {blob.file: blob for blob in cached}
+        code: dict[str, CodeType] = {}
+        failures: dict[str, tuple[str, str]] = {}
+        fresh = []
+        for path in paths:
+            try:
+                info = path.stat()
+            except OSError as exc:
+                failures[path.name] = type(exc).__name__, str(exc)
+                continue
+            stamp = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+            blob = by_file.get(path.name)
+            if blob is not None and blob.stamp == stamp:
+                code[path.name] = marshal.loads(blob.code)
+                continue
+            wire.write_frame(self.fd, wire.Progress(id=id, file=path.name, running=False))
+            try:
+                code[path.name] = loader.compile_file(path)
+            except BaseException as exc:  # SyntaxError, OSError, MemoryError, RecursionError
+                failures[path.name] = loader.describe(exc)
+                continue
+            fresh.append(wire.CodeBlob(path.name, stamp, marshal.dumps(code[path.name])))
+        wire.write_frame(self.fd, wire.Compiled(id=id, blobs=fresh))
+        return code, failures
+
+    def _load_one(self, path: Path, code: CodeType) -> tuple[str, str] | None:
         try:
-            character = loader.load_file(path)
+            character = loader.load_file(path, code)
         except BaseException as exc:  # character code may raise anything, SystemExit too
             failure: tuple[str, str] | None = loader.describe(exc)
         else:

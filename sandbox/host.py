@@ -157,8 +157,10 @@ class Sandbox:
         self, child: ChildProcess, directory: str, exclude: builtins.list[str], max_characters: int
     ) -> wire.Loaded:
         request = wire.Load(
-            id=child.next_id(), directory=directory, exclude=exclude, max_characters=max_characters
+            id=child.next_id(), directory=directory, exclude=exclude,
+            max_characters=max_characters, code=self._pool.code_cache.get(directory),
         )
+        running = False
         file_timeout = self._config.file_timeout
         current = "__init__.py"
         try:
@@ -167,9 +169,12 @@ class Sandbox:
                 while True:
                     reply = await child.receive()
                     match reply:
-                        case wire.Progress(file=file):
-                            current = file
+                        case wire.Progress(file=file, running=is_running):
+                            current, running = file, running or is_running
                             deadline.reschedule(asyncio.get_running_loop().time() + file_timeout)
+                        case wire.Compiled(blobs=blobs) if not running:
+                            # No character code has run in this child yet: trustworthy.
+                            self._pool.code_cache.put(directory, blobs)
                         case wire.Loaded():
                             self._report_output(reply.output)
                             return reply

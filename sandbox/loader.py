@@ -12,11 +12,12 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import Any
 
 from .wire import CharacterInfo
@@ -57,17 +58,24 @@ class Character:
 
 def character_files(directory: Path) -> list[Path]:
     """The candidate character files of ``directory``, in load order."""
-    return sorted(
-        path
-        for path in directory.iterdir()
-        if path.suffix == ".py" and not path.name.startswith("_") and path.is_file()
-    )
+    with os.scandir(directory) as entries:
+        return sorted(
+            Path(entry.path)
+            for entry in entries
+            if entry.name.endswith(".py") and not entry.name.startswith("_") and entry.is_file()
+        )
 
 
-def import_package(directory: Path) -> None:
-    """Make ``directory`` the package ``characters``. Raises ``PackageError``."""
+def compile_file(path: Path) -> CodeType:
+    """Compile one file (no character code runs). Raises ``SyntaxError``, ``OSError``."""
+    return compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+
+
+def import_package(directory: Path, code: CodeType | None) -> None:
+    """Make ``directory`` the package ``characters``, running ``code`` (its compiled
+    ``__init__.py``, if it has one). Raises ``PackageError``."""
     init = directory / "__init__.py"
-    if init.is_file():
+    if code is not None:
         spec = importlib.util.spec_from_file_location(
             PACKAGE, init, submodule_search_locations=[str(directory)]
         )
@@ -77,17 +85,18 @@ def import_package(directory: Path) -> None:
     assert spec is not None  # a .py path always has a spec
     package = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = package
-    if spec.loader is not None:
+    if code is not None:
         try:
-            spec.loader.exec_module(package)
+            exec(code, package.__dict__)
         except BaseException as exc:
             del sys.modules[PACKAGE]
             raise PackageError(f"{init} raised {type(exc).__name__}: {exc}") from exc
 
 
-def load_file(path: Path) -> Character:
-    """Execute one character file and validate it. Raises ``CharacterError``."""
-    module = _execute(path)
+def load_file(path: Path, code: CodeType) -> Character:
+    """Execute one character file's ``code`` and validate it. Raises ``CharacterError``
+    or whatever the file raises."""
+    module = _execute(path, code)
     name = _required(module, "CHARACTER_NAME", str)
     if not name.strip():
         raise CharacterError("InvalidAttribute", "CHARACTER_NAME is empty")
@@ -128,15 +137,15 @@ def describe(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(exc) or repr(exc)
 
 
-def _execute(path: Path) -> ModuleType:
+def _execute(path: Path, code: CodeType) -> ModuleType:
     stem = re.sub(r"\W", "_", path.stem)
     spec = importlib.util.spec_from_file_location(f"{PACKAGE}.{stem}", path)
-    if spec is None or spec.loader is None:
+    if spec is None:
         raise CharacterError("ImportError", f"cannot import {path.name}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
-        spec.loader.exec_module(module)
+        exec(code, module.__dict__)
     except BaseException:
         del sys.modules[spec.name]
         raise

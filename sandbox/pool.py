@@ -12,6 +12,7 @@ import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .codecache import CodeCache
 from .config import SandboxConfig
 from .containment import make_host_undumpable
 from .observer import Observer
@@ -29,6 +30,7 @@ class Pool:
         self._wake = asyncio.Event()
         self._refill: asyncio.Task[None] | None = None
         self._live: set[ChildProcess] = set()
+        self.code_cache = CodeCache()
 
     async def start(self) -> None:
         """Start the fork server and fill the pool. Call once, before ``acquire``."""
@@ -87,6 +89,6 @@ class Pool:
             while len(self._idle) < self.config.pool_size:
                 try:
                     self._idle.append(await self._spawn())
-                except (OSError, TimeoutError, RuntimeError) as exc:
+                except Exception as exc:
                     self.observer.spawn_failed(exc)
                     await asyncio.sleep(1.0)

@@ -31,17 +31,29 @@ class Message(msgspec.Struct, tag=True, tag_field="kind", omit_defaults=True):
 # ── requests (host → child) ──────────────────────────────────────────────────
 
 
+class CodeBlob(msgspec.Struct, array_like=True):
+    """One file compiled by a clean child: ``marshal`` bytes of its code object, valid
+    while the file's ``stamp`` (st_dev, st_ino, st_mtime_ns, st_size) is unchanged."""
+
+    file: str
+    stamp: tuple[int, int, int, int]
+    code: bytes
+
+
 class Load(Message):
     """Import ``directory`` as the package ``characters`` and load its files.
 
     Files named in ``exclude`` are skipped (the host already knows they break the
-    child). The child answers with ``Progress`` before each file, then ``Loaded``.
+    child); ``code`` holds compiled files the host has cached, used when their stamp
+    still matches. The child compiles the rest, sends them in ``Compiled`` before it
+    runs any character code, then sends ``Progress`` before each file, then ``Loaded``.
     """
 
     id: int
     directory: str
     exclude: list[str] = []
     max_characters: int = 100
+    code: list[CodeBlob] = []
 
 
 class ListCharacters(Message):
@@ -93,10 +105,20 @@ class FileError(msgspec.Struct):
 
 
 class Progress(Message):
-    """Sent before the child executes ``file``: if it dies or hangs, ``file`` did it."""
+    """Sent before the child compiles or runs ``file``: if it dies or hangs, ``file``
+    did it. ``running`` is False while compiling (no character code has run yet)."""
 
     id: int
     file: str
+    running: bool = True
+
+
+class Compiled(Message):
+    """Files compiled for a ``Load``, sent before any character code runs, so the host
+    may cache them for any later load of the same files."""
+
+    id: int
+    blobs: list[CodeBlob]
 
 
 class Loaded(Message):
@@ -145,7 +167,7 @@ class Failed(Message):
     output: str = ""
 
 
-Reply = Progress | Loaded | Listed | Prompt | Tools | ToolResult | Pong | Failed
+Reply = Progress | Compiled | Loaded | Listed | Prompt | Tools | ToolResult | Pong | Failed
 
 
 _encoder = msgspec.msgpack.Encoder()
