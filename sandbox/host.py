@@ -128,7 +128,16 @@ class Sandbox:
     async def _load(
         self, directory: str, exclude: builtins.list[str], max_characters: int
     ) -> tuple[ChildProcess, wire.Loaded, builtins.list[wire.FileError]]:
-        """Load into fresh children until one survives; each killer file is excluded."""
+        """Load into fresh children until one survives; each killer file is excluded.
+        The pool refills once the load is over, not beside it."""
+        try:
+            return await self._load_until_one_survives(directory, exclude, max_characters)
+        finally:
+            self._pool.replenish()
+
+    async def _load_until_one_survives(
+        self, directory: str, exclude: builtins.list[str], max_characters: int
+    ) -> tuple[ChildProcess, wire.Loaded, builtins.list[wire.FileError]]:
         errors: builtins.list[wire.FileError] = []
         exclude = builtins.list(exclude)
         for _ in range(self._config.max_restarts_per_load + 1):

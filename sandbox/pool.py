@@ -40,16 +40,22 @@ class Pool:
         self._wake.set()
 
     async def acquire(self) -> ChildProcess:
-        """A ready child that belongs to the caller from now on."""
+        """A ready child that belongs to the caller from now on.
+
+        The pool is not refilled until the caller says it is done with its burst of
+        work (``replenish``): on two cores, a spawn running beside the load that needs
+        the child would slow that load down.
+        """
         while self._idle:
             child = self._idle.popleft()
-            self._wake.set()
             if child.alive:
                 return child
             await self.release(child)
-        child = await self._spawn()
+        return await self._spawn()
+
+    def replenish(self) -> None:
+        """Start refilling the pool in the background."""
         self._wake.set()
-        return child
 
     async def release(self, child: ChildProcess) -> None:
         """Kill a child acquired from this pool and reap it."""

@@ -164,7 +164,7 @@ async def reload_voices(request: web.Request) -> web.Response:
             status=status, headers=headers,
         )
     finally:
-        await voices.retire()
+        voices.retire()
     return web.json_response({
         "directory": loaded.directory,
         "loaded_count": len(loaded.characters),

@@ -10,6 +10,7 @@ Used by each session and by the server-wide set behind ``/v1/voices``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class CharacterSet:
         self.sandbox: Sandbox | None = None
         self.report: LoadReport | None = None
         self._retired: list[Sandbox] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def characters(self) -> list[CharacterInfo]:
@@ -115,13 +117,17 @@ class CharacterSet:
             duration_ms=round(duration * 1000, 2),
         )
 
-    async def retire(self) -> None:
-        """Kill the sandboxes that loads have replaced."""
+    def retire(self) -> None:
+        """Kill the sandboxes that loads have replaced, in the background: the next
+        request of the session need not wait for the old child to be reaped."""
         while self._retired:
-            await self._retired.pop().close()
+            task = asyncio.create_task(self._retired.pop().close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        await self.retire()
+        self.retire()
+        await asyncio.gather(*self._closing)
         if self.sandbox is not None:
             await self.sandbox.close()
             self.sandbox = None

@@ -142,7 +142,7 @@ class Session:
                     event.event_id if event is not None else None,
                 )
             finally:
-                await self.characters.retire()
+                self.characters.retire()
 
     async def _handle(self, event: protocol.ClientEventUnion | None) -> None:
         match event:
