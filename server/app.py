@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -122,6 +123,7 @@ async def health(request: web.Request) -> web.Response:
     ok = voices.sandbox is not None
     body = {
         "ok": ok,
+        "pid": os.getpid(),
         "stt_up": False,
         "llm_up": False,
         "tts_up": False,

@@ -7,6 +7,7 @@ slow machine); tests never assert on wall-clock time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -196,5 +197,6 @@ async def server_process(allowed_root: Path) -> AsyncIterator[Callable[..., Awai
 
     yield start
     for process in processes:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):  # a test may have killed it
+            process.terminate()
         await process.wait()

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing.forkserver
 import os
+import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import aiohttp
 
 from aiohttp.test_utils import TestClient
 from conftest import SCALE, Connect, MakeServer, character_source, write_directory
@@ -111,3 +115,34 @@ async def test_grandchildren_die_with_the_session(connect: Connect, allowed_root
     await session.ws.close()
 
     assert await eventually(lambda: not processes_running(f"sleep\x00{marker}"))
+
+
+async def test_sandboxes_die_when_the_server_is_killed(
+    server_process: Callable[..., Awaitable[str]]
+) -> None:
+    url = await server_process(env={"TROUPE_ADMIN_TOKEN": "admin"})
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{url}/v1/realtime?model=x", protocols=("realtime",))
+        await ws.receive_json()
+        await ws.send_json({"type": "session.characters.list"})
+        await ws.receive_json()
+        async with http.get(f"{url}/v1/sessions",
+                            headers={"Authorization": "Bearer admin"}) as response:
+            pids = [session["sandbox_pid"] for session in await response.json()]
+        async with http.get(f"{url}/v1/health") as response:
+            server_pid = (await response.json())["pid"]
+        assert pids and all(pid_alive(pid) for pid in pids)
+
+        os.kill(server_pid, signal.SIGKILL)
+
+        assert await eventually(lambda: not any(pid_alive(pid) for pid in pids))
+        await ws.close()
+
+
+def pid_alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for its parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
