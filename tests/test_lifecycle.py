@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-
 from aiohttp.test_utils import TestClient
 from conftest import SCALE, Connect, MakeServer, character_source, write_directory
 
