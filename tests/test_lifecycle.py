@@ -33,18 +33,6 @@ def forkserver_children() -> set[int]:
     return children
 
 
-def processes_running(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -100,20 +88,20 @@ async def test_no_process_survives_the_server(make_server: MakeServer, allowed_r
 
 
 async def test_grandchildren_die_with_the_session(connect: Connect, allowed_root: Path) -> None:
-    marker = "987654"
-    spawner = character_source("Spawner", body=f"""
+    spawner = character_source("Spawner", body="""
         import subprocess
-        subprocess.Popen(["sleep", "{marker}"], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=False)
-        """)
+        SLEEPER = subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        """).replace('"comment": None', '"comment": str(SLEEPER.pid)')
     session = await connect()
     reloaded = await session.reload(write_directory(allowed_root, "spawn", {"s.py": spawner}))
     assert [c["name"] for c in reloaded["characters"]] == ["Spawner"], reloaded
-    assert processes_running(f"sleep\x00{marker}"), "the grandchild never started"
+    sleeper = int(reloaded["characters"][0]["comment"])
+    assert pid_alive(sleeper), f"the grandchild is not running: {process_state(sleeper)}"
 
     await session.ws.close()
 
-    assert await eventually(lambda: not processes_running(f"sleep\x00{marker}"))
+    assert await eventually(lambda: not pid_alive(sleeper)), process_state(sleeper)
 
 
 async def test_sandboxes_die_when_the_server_is_killed(
@@ -136,6 +124,13 @@ async def test_sandboxes_die_when_the_server_is_killed(
 
         assert await eventually(lambda: not any(pid_alive(pid) for pid in pids))
         await ws.close()
+
+
+def process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text()
+    except OSError as exc:
+        return f"no /proc/{pid}: {exc}"
 
 
 def pid_alive(pid: int) -> bool:
