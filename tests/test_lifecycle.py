@@ -140,3 +140,20 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def test_server_shutdown_closes_sessions_with_going_away(
+    server_process: Callable[..., Awaitable[str]]
+) -> None:
+    url = await server_process()
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{url}/v1/realtime?model=x", protocols=("realtime",))
+        await ws.receive_json()
+        async with http.get(f"{url}/v1/health") as response:
+            server_pid = (await response.json())["pid"]
+
+        os.kill(server_pid, signal.SIGTERM)
+        closing = await ws.receive(timeout=10 * SCALE)
+
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert closing.data == aiohttp.WSCloseCode.GOING_AWAY
