@@ -29,6 +29,7 @@ from . import dialects, metrics
 from .characters import CharacterSet
 from .config import Config
 from .errors import TroupeError
+from .llm_backend import Backend
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", Pool)
 VOICES = web.AppKey("voices", CharacterSet)
 SESSIONS = web.AppKey("sessions", dict[str, Session])
+LLM_BACKEND = web.AppKey("llm", Backend)
 
 
 def create_app(config: Config) -> web.Application:
@@ -46,6 +48,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[SESSIONS] = {}
     app.cleanup_ctx.append(_sandbox_pool)
+    app.cleanup_ctx.append(_language_model)
     app.on_shutdown.append(_close_sessions)
     app.router.add_get("/v1/realtime", realtime)
     app.router.add_get("/v1/health", health)
@@ -74,6 +77,14 @@ async def _sandbox_pool(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
+async def _language_model(app: web.Application) -> AsyncIterator[None]:
+    backend = Backend.for_config(app[CONFIG])
+    await backend.start()
+    app[LLM_BACKEND] = backend
+    yield
+    await backend.close()
+
+
 async def _close_sessions(app: web.Application) -> None:
     sessions = list(app[SESSIONS].values())
     await asyncio.gather(
@@ -98,7 +109,8 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
         )
         return ws
     dialect = dialects.detect(request.query, request.headers)
-    session = Session(ws, dialect, request.query.get("model"), app[POOL], config)
+    session = Session(ws, dialect, request.query.get("model"), app[POOL], config,
+                      app[LLM_BACKEND].llm)
     sessions[session.id] = session
     metrics.SESSIONS.inc()
     metrics.SESSIONS_ACTIVE.inc()
@@ -119,16 +131,16 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
 
 async def health(request: web.Request) -> web.Response:
     app = request.app
-    pool, voices = app[POOL], app[VOICES]
+    pool, voices, llm = app[POOL], app[VOICES], app[LLM_BACKEND]
     ok = voices.sandbox is not None
     body = {
         "ok": ok,
         "pid": os.getpid(),
         "stt_up": False,
-        "llm_up": False,
+        "llm_up": llm.up,
         "tts_up": False,
         "voice_cloning_up": False,
-        "backends": {"stt": "missing", "llm": "missing", "tts": "missing"},
+        "backends": {"stt": "missing", "llm": llm.status, "tts": "missing"},
         "sandbox": {
             "pool_idle": pool.idle,
             "pool_size": pool.config.pool_size,

@@ -27,6 +27,10 @@ class Config:
     max_message_bytes: int = 1024 * 1024
     """Frames above this get a ``message_too_large`` error; the session goes on."""
     admin_token: str | None = None
+    llm: str | None = None
+    """Base URL of an OpenAI-compatible chat-completions API; unset: built-in responder."""
+    llm_model: str | None = None
+    llm_api_key: str | None = None
     log_level: str = "INFO"
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
@@ -48,6 +52,13 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--admin-token", "TROUPE_ADMIN_TOKEN", str,
      "bearer token for GET /v1/sessions (disabled when unset)"),
     ("--log-level", "TROUPE_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    ("--llm", "TROUPE_LLM", str,
+     "base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:11434/v1 for Ollama); "
+     "unset: a clearly labelled built-in responder answers"),
+    ("--llm-model", "TROUPE_LLM_MODEL", str,
+     "model name; may be left out when the endpoint serves exactly one"),
+    ("--llm-api-key", "TROUPE_LLM_API_KEY", str,
+     "API key of the --llm endpoint (never reaches character code)"),
 ]
 _SANDBOX_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--sandbox-pool-size", "TROUPE_SANDBOX_POOL_SIZE", int,

@@ -73,8 +73,42 @@ class CharactersList(ClientEvent, tag="session.characters.list"):
     pass
 
 
-ClientEventUnion = SessionUpdate | CharactersReload | CharactersList
-CLIENT_EVENT_TYPES = ("session.update", "session.characters.reload", "session.characters.list")
+class ContentPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+    transcript: str | None = None
+
+
+class Item(msgspec.Struct, kw_only=True):
+    """A conversation item as clients send it; only user text messages are taken."""
+
+    type: str = "message"
+    role: str = "user"
+    id: str | None = None
+    content: list[ContentPart] = []
+
+
+class ItemCreate(ClientEvent, tag="conversation.item.create"):
+    item: Item
+    previous_item_id: str | None = None
+
+
+class ResponseCreate(ClientEvent, tag="response.create"):
+    response: dict[str, Any] | None = None
+
+
+class ResponseCancel(ClientEvent, tag="response.cancel"):
+    response_id: str | None = None
+
+
+ClientEventUnion = (
+    SessionUpdate | CharactersReload | CharactersList | ItemCreate | ResponseCreate
+    | ResponseCancel
+)
+CLIENT_EVENT_TYPES = (
+    "session.update", "session.characters.reload", "session.characters.list",
+    "conversation.item.create", "response.create", "response.cancel",
+)
 
 
 class _Header(msgspec.Struct):
@@ -183,6 +217,76 @@ class CharactersListed(ServerEvent, tag="session.characters.listed"):
     directory: str
     character_count: int
     characters: list[CharacterSummary]
+
+
+class MessageItem(msgspec.Struct, kw_only=True):
+    """A conversation item as the server reports it (text only for now)."""
+
+    id: str
+    role: str
+    content: list[dict[str, Any]]
+    type: str = "message"
+    object: str = "realtime.item"
+    status: str = "completed"
+
+
+class ItemCreated(ServerEvent, tag="conversation.item.created"):
+    previous_item_id: str | None
+    item: MessageItem
+
+
+class ItemAdded(ItemCreated, tag="conversation.item.added"):
+    """GA name of ``conversation.item.created``."""
+
+
+class ResponseInfo(msgspec.Struct, kw_only=True):
+    id: str
+    status: str
+    voice: str
+    """Unmute's clients require it: the character speaking."""
+    output: list[MessageItem] = []
+    object: str = "realtime.response"
+    status_details: dict[str, Any] | None = None
+
+
+class ResponseCreated(ServerEvent, tag="response.created"):
+    response: ResponseInfo
+
+
+class ResponseDone(ServerEvent, tag="response.done"):
+    response: ResponseInfo
+
+
+class TextDelta(ServerEvent, tag="response.text.delta"):
+    response_id: str
+    item_id: str
+    delta: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class OutputTextDelta(TextDelta, tag="response.output_text.delta"):
+    """GA name of ``response.text.delta``."""
+
+
+class TextDone(ServerEvent, tag="response.text.done"):
+    response_id: str
+    item_id: str
+    text: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class OutputTextDone(TextDone, tag="response.output_text.done"):
+    """GA name of ``response.text.done``."""
+
+
+GA_NAMES: dict[type[ServerEvent], type[ServerEvent]] = {
+    ItemCreated: ItemAdded,
+    TextDelta: OutputTextDelta,
+    TextDone: OutputTextDone,
+}
+"""Beta event classes and their GA counterparts (same fields, other ``type``)."""
 
 
 _encoder = msgspec.json.Encoder()

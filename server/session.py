@@ -20,15 +20,18 @@ import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
+import msgspec
 from aiohttp import WSMsgType, web
 
 from sandbox import CallFailed, CharacterInfo, Pool, SandboxCrashed, SandboxTimeout
 
-from . import dialects, metrics, protocol
+from . import dialects, metrics, protocol, replies
 from .characters import CharacterSet, Loaded
 from .config import Config
+from .conversation import Conversation
 from .dialects import Dialect, SessionSettings
 from .errors import ServerSideError, TroupeError
+from .llm import LLM
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,7 +40,7 @@ T = TypeVar("T")
 class Session:
     def __init__(
         self, ws: web.WebSocketResponse, dialect: Dialect, model: str | None,
-        pool: Pool, config: Config,
+        pool: Pool, config: Config, llm: LLM,
     ) -> None:
         self.id = protocol.new_id("sess")
         self.ws = ws
@@ -46,6 +49,9 @@ class Session:
         self.settings = SessionSettings.initial(self.id, dialect, model)
         self.characters = CharacterSet(pool, config, f"session {self.id}")
         self.system_prompt: str | None = None
+        self.llm = llm
+        self.conversation = Conversation()
+        self._reply: asyncio.Task[None] | None = None
         self.started = time.monotonic()
         self._jobs: asyncio.Queue[protocol.ClientEventUnion | None] = asyncio.Queue()
         self._reloads: collections.deque[float] = collections.deque()
@@ -66,12 +72,15 @@ class Session:
         finally:
             worker.cancel()
             await asyncio.gather(worker, return_exceptions=True)
+            await self._cancel_reply()
 
     async def close(self) -> None:
         await self.characters.close()
         metrics.forget_session(self.id)
 
     async def send(self, event: protocol.ServerEvent) -> None:
+        if self.dialect is Dialect.GA and type(event) in protocol.GA_NAMES:
+            event = protocol.GA_NAMES[type(event)](**msgspec.structs.asdict(event))
         event_type = type(event).__struct_config__.tag
         assert isinstance(event_type, str)
         if self.ws.closed or not dialects.accepts(self.dialect, event_type):
@@ -155,11 +164,17 @@ class Session:
                 await self._list()
             case protocol.SessionUpdate(session=fields):
                 await self._update(fields)
+            case protocol.ItemCreate(item=item):
+                await self._add_item(item)
+            case protocol.ResponseCreate():
+                await self._start_reply()
+            case protocol.ResponseCancel():
+                if not await self._cancel_reply():
+                    raise TroupeError("invalid_event", "no response is in progress to cancel")
 
     async def _load(self, directory: str, reply: bool) -> None:
         loaded = await self.characters.load(directory)
-        self.system_prompt = None
-        self.settings.voice = None
+        await self._end_conversation()
         metrics.CHARACTER_LOAD_PER_SESSION.labels(self.id).inc()
         metrics.SESSION_CHARACTER_COUNT.labels(self.id).set(len(loaded.characters))
         if reply:
@@ -192,7 +207,8 @@ class Session:
                     param="session.voice",
                 )
         self.settings.apply(fields)
-        if character is not None:
+        if character is not None and character.name != self.settings.voice:
+            await self._end_conversation()
             assert self.characters.sandbox is not None
             self.system_prompt = await self._sandbox_call(
                 self.characters.sandbox.system_prompt(character.name)
@@ -200,6 +216,64 @@ class Session:
             self.settings.voice = character.name
         rendered = dialects.render(self.dialect, self.settings)
         await self.send(protocol.SessionUpdated(session=rendered))
+
+    async def _add_item(self, item: protocol.Item) -> None:
+        try:
+            text = replies.user_text(item)
+        except ValueError as exc:
+            raise TroupeError("invalid_event", str(exc), param="item") from None
+        self.conversation.add_user_text(text)
+        await self.send(protocol.ItemCreated(previous_item_id=None, item=protocol.MessageItem(
+            id=item.id or protocol.new_id("item"), role="user",
+            content=[{"type": "input_text", "text": text}],
+        )))
+
+    async def _start_reply(self) -> None:
+        if self._reply is not None and not self._reply.done():
+            raise TroupeError(
+                "invalid_event",
+                "a response is already in progress; wait for response.done or send "
+                "response.cancel",
+            )
+        sandbox = self.characters.sandbox
+        character = self._speaker()
+        if sandbox is None or character is None:
+            raise TroupeError(
+                "no_valid_characters",
+                "this session has no character to answer; send session.characters.reload",
+            )
+        if self.system_prompt is None or self.settings.voice != character:
+            self.system_prompt = await self._sandbox_call(sandbox.system_prompt(character))
+            self.settings.voice = character
+        self._reply = asyncio.create_task(replies.run_reply(
+            send=self.send, send_error=self.send_error, llm=self.llm, sandbox=sandbox,
+            character=character, system_prompt=self.system_prompt,
+            conversation=self.conversation, temperature=self.settings.temperature,
+        ), name=f"{self.id}-reply")
+
+    def _speaker(self) -> str | None:
+        """The selected character, else the first good one of the set."""
+        if self.settings.voice is not None:
+            return self.settings.voice
+        characters = self.characters.characters
+        good = [c for c in characters if c.good is not False] or characters
+        return good[0].name if good else None
+
+    async def _cancel_reply(self) -> bool:
+        """Cancel the reply in progress (it sends its own response.done)."""
+        reply, self._reply = self._reply, None
+        if reply is None or reply.done():
+            return False
+        reply.cancel()
+        await asyncio.gather(reply, return_exceptions=True)
+        return True
+
+    async def _end_conversation(self) -> None:
+        """A new set or another character: the reply stops, the history goes."""
+        await self._cancel_reply()
+        self.conversation.clear()
+        self.system_prompt = None
+        self.settings.voice = None
 
     async def _sandbox_call(self, call: Awaitable[T]) -> T:
         try:

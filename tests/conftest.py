@@ -132,16 +132,16 @@ class Realtime:
 
 
 Connect = Callable[..., Awaitable[Realtime]]
+ConnectTo = Callable[..., Awaitable[Realtime]]
 
 
 @pytest.fixture
-async def connect(server: TestClient) -> AsyncIterator[Connect]:
-    """Open a session on ``server``: OpenAI GA dialect unless ``model=None``."""
+async def connect_to() -> AsyncIterator[Callable[..., Awaitable[Realtime]]]:
+    """Open a session on a given server: OpenAI GA dialect unless ``model=None``."""
     sockets: list[aiohttp.ClientWebSocketResponse] = []
 
-    async def open_session(model: str | None = "test-model", headers: dict[str, str] | None = None,
-                           on: TestClient | None = None) -> Realtime:
-        client = on or server
+    async def open_session(client: TestClient, model: str | None = "test-model",
+                           headers: dict[str, str] | None = None) -> Realtime:
         path = "/v1/realtime" + (f"?model={model}" if model is not None else "")
         ws = await client.ws_connect(path, protocols=("realtime",), headers=headers or {})
         sockets.append(ws)
@@ -154,6 +154,18 @@ async def connect(server: TestClient) -> AsyncIterator[Connect]:
     yield open_session
     for ws in sockets:
         await ws.close()
+
+
+@pytest.fixture
+async def connect(server: TestClient, connect_to: Callable[..., Awaitable[Realtime]]) -> Connect:
+    """Open a session on the default test ``server`` (or ``on=`` another one)."""
+
+    async def open_session(model: str | None = "test-model",
+                           headers: dict[str, str] | None = None,
+                           on: TestClient | None = None) -> Realtime:
+        return await connect_to(on or server, model=model, headers=headers)
+
+    return open_session
 
 
 def error_code(event: dict[str, Any]) -> str:

@@ -1,0 +1,46 @@
+"""One session's conversation history: chat-completions messages, bounded.
+
+The system prompt is not stored here (it comes from the selected character, built in
+the sandbox); ``messages_for`` puts it in front. Trimming drops the oldest turns and
+never leaves a tool result without the assistant message that asked for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Message = dict[str, Any]
+
+
+class Conversation:
+    def __init__(self, max_messages: int = 64) -> None:
+        self.max_messages = max_messages
+        self.messages: list[Message] = []
+
+    def add_user_text(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        self._trim()
+
+    def add_assistant_text(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+        self._trim()
+
+    def messages_for(self, system_prompt: str) -> list[Message]:
+        """A new list: the system prompt, then the history (callers may append)."""
+        return [{"role": "system", "content": system_prompt}, *self.messages]
+
+    def record(self, sent: list[Message]) -> None:
+        """Keep what a reply appended to a list made by ``messages_for``."""
+        self.messages.extend(sent[len(self.messages) + 1:])
+        self._trim()
+
+    def clear(self) -> None:
+        self.messages.clear()
+
+    def _trim(self) -> None:
+        excess = len(self.messages) - self.max_messages
+        if excess <= 0:
+            return
+        del self.messages[:excess]
+        while self.messages and self.messages[0]["role"] in ("tool", "assistant"):
+            del self.messages[0]

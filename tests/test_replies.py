@@ -1,0 +1,181 @@
+"""Text turns through the real server: a user message and response.create give a
+streamed reply from the language model, with tools run in the session's sandbox."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conftest import (
+    Connect,
+    ConnectTo,
+    MakeServer,
+    Realtime,
+    character_source,
+    error_code,
+    write_directory,
+)
+from fake_openai import (
+    FakeOpenAI,
+    call,
+    failure,
+    fake_openai_fixture,  # noqa: F401
+    stall,
+    text,
+    tool_calls,
+)
+
+
+def say(words: str) -> dict[str, Any]:
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": "user",
+                     "content": [{"type": "input_text", "text": words}]}}
+
+
+async def turn(session: Realtime, words: str) -> list[dict[str, Any]]:
+    """Send a user message and response.create; the events up to response.done."""
+    await session.send(say(words))
+    await session.send({"type": "response.create"})
+    events = [await session.receive()]
+    while events[-1]["type"] != "response.done":
+        events.append(await session.receive())
+    return events
+
+
+def reply_text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+
+
+def counter_character() -> str:
+    """A character whose tool reports a number only its sandbox knows."""
+    return character_source("Counter", prompt="You count things.") + """
+TOOLS = [{"type": "function", "function": {
+    "name": "count", "description": "Count.",
+    "parameters": {"type": "object", "properties": {"step": {"type": "integer"}}}}}]
+
+def _handle(self, name, arguments):
+    self.total = getattr(self, "total", 40) + arguments["step"]
+    return f"the total is now {self.total}"
+
+PromptGenerator.handle_tool_call = _handle
+"""
+
+
+async def test_builtin_responder_says_what_it_is(connect: Connect) -> None:
+    session = await connect()
+
+    events = await turn(session, "hello there")
+
+    assert [e["type"] for e in events][:3] == [
+        "conversation.item.added", "response.created", "response.output_text.delta"]
+    assert events[-2]["type"] == "response.output_text.done"
+    assert events[-1]["response"]["status"] == "completed"
+    said = reply_text(events)
+    assert said == events[-2]["text"]
+    assert "hello there" in said and "not a language model" in said
+
+
+async def test_reply_streams_from_the_model_with_the_characters_prompt(
+    fake_openai: FakeOpenAI, make_server: MakeServer, connect_to: ConnectTo, allowed_root: Path
+) -> None:
+    server = await make_server(llm=fake_openai.base_url)
+    fake_openai.script(text("Ahoy", ", friend", "!"), text("Still", " here."))
+    session = await connect_to(server)
+    await session.reload(write_directory(allowed_root, "d", {
+        "a.py": character_source("Ada", prompt="You are Ada, a sailor.")}))
+
+    first = await turn(session, "Who are you?")
+    second = await turn(session, "And now?")
+
+    assert [e["delta"] for e in first if e["type"] == "response.output_text.delta"] == [
+        "Ahoy", ", friend", "!"]
+    assert reply_text(second) == "Still here."
+    sent = fake_openai.requests[-1]["messages"]
+    assert sent == [
+        {"role": "system", "content": "You are Ada, a sailor."},
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "Ahoy, friend!"},
+        {"role": "user", "content": "And now?"},
+    ]
+
+
+async def test_tool_calls_run_in_the_sandbox_and_feed_the_model(
+    fake_openai: FakeOpenAI, make_server: MakeServer, connect_to: ConnectTo, allowed_root: Path
+) -> None:
+    server = await make_server(llm=fake_openai.base_url)
+    fake_openai.script(tool_calls(call("count", '{"st', 'ep": 2}', id="c1")),
+                       text("Forty-two."))
+    session = await connect_to(server)
+    await session.reload(write_directory(allowed_root, "d", {"c.py": counter_character()}))
+
+    events = await turn(session, "Count by two.")
+
+    assert reply_text(events) == "Forty-two."
+    assert fake_openai.requests[0]["tools"][0]["function"]["name"] == "count"
+    follow_up = fake_openai.requests[1]["messages"]
+    assert follow_up[-1] == {"role": "tool", "tool_call_id": "c1",
+                             "content": "the total is now 42"}
+
+
+async def test_backend_failure_is_reported_and_the_session_survives(
+    fake_openai: FakeOpenAI, make_server: MakeServer, connect_to: ConnectTo
+) -> None:
+    server = await make_server(llm=fake_openai.base_url)
+    fake_openai.script(*[failure(500)] * 3, text("Back again."))
+    session = await connect_to(server)
+
+    await session.send(say("Hello?"))
+    await session.send({"type": "response.create"})
+    events = [await session.receive() for _ in range(4)]
+
+    assert [e["type"] for e in events] == [
+        "conversation.item.added", "response.created", "error", "response.done"]
+    assert error_code(events[2]) == "backend_unavailable"
+    assert events[3]["response"]["status"] == "failed"
+    assert reply_text(await turn(session, "Now?")) == "Back again."
+
+
+async def test_cancel_and_reload_stop_a_reply_in_progress(
+    fake_openai: FakeOpenAI, make_server: MakeServer, connect_to: ConnectTo, allowed_root: Path
+) -> None:
+    server = await make_server(llm=fake_openai.base_url)
+    fake_openai.script(stall("Once upon"), stall("Let me"), text("Fresh start."))
+    session = await connect_to(server)
+
+    await session.send(say("Tell me a story."))
+    await session.send({"type": "response.create"})
+    while (await session.receive())["type"] != "response.output_text.delta":
+        pass
+    cancelled = await session.request({"type": "response.cancel"})
+
+    await session.send(say("Another one."))
+    await session.send({"type": "response.create"})
+    while (await session.receive())["type"] != "response.output_text.delta":
+        pass
+    directory = write_directory(allowed_root, "d", {"b.py": character_source("Bea")})
+    await session.send({"type": "session.characters.reload", "directory": str(directory)})
+    after_reload = [await session.receive(), await session.receive()]
+    fresh = await turn(session, "Hi Bea.")
+
+    assert cancelled["type"] == "response.done"
+    assert cancelled["response"]["status"] == "cancelled"
+    assert [e["type"] for e in after_reload] == ["response.done", "session.characters.reloaded"]
+    assert after_reload[0]["response"]["status"] == "cancelled"
+    assert reply_text(fresh) == "Fresh start."
+    assert fake_openai.requests[-1]["messages"][1:] == [{"role": "user", "content": "Hi Bea."}]
+
+
+async def test_unmute_clients_get_only_events_they_accept(connect: Connect) -> None:
+    session = await connect(model=None)
+    await session.send(say("hello"))
+    await session.send({"type": "response.create"})
+
+    events = [await session.receive()]
+    while events[-1]["type"] != "response.text.done":
+        events.append(await session.receive())
+    listed = await session.request({"type": "session.characters.list"})
+
+    assert events[0]["type"] == "response.created"
+    assert events[0]["response"]["voice"]
+    assert {e["type"] for e in events[1:-1]} == {"response.text.delta"}
+    assert listed["type"] == "session.characters.listed"
