@@ -173,7 +173,7 @@ class Sandbox:
         file_timeout = self._config.file_timeout
         current = "__init__.py"
         try:
-            await child.send(request)
+            await child.send_frame(request)
             async with asyncio.timeout(file_timeout) as deadline:
                 while True:
                     reply = await child.receive()

@@ -166,7 +166,7 @@ class ChildProcess:
         self._next_id += 1
         return self._next_id
 
-    async def send(self, message: wire.Message) -> None:
+    async def send_frame(self, message: wire.Message) -> None:
         if not self.alive:
             raise ChildDied(self.dead_reason or "the child was closed")
         try:
@@ -186,7 +186,7 @@ class ChildProcess:
 
     async def request(self, message: wire.Message) -> wire.Reply:
         """Send ``message`` and return the reply carrying its id. Raises ``ChildDied``."""
-        await self.send(message)
+        await self.send_frame(message)
         reply = await self.receive()
         if reply.id != getattr(message, "id", None):
             self._die(f"answered request {reply.id} when {getattr(message, 'id', None)} was asked")
