@@ -138,7 +138,10 @@ def render(dialect: Dialect, settings: SessionSettings) -> dict[str, Any]:
         "tool_choice": "auto",
     }
     if dialect is Dialect.BETA:
+        # The beta SDK validates ``model`` against OpenAI's own model names; the name
+        # a client passed us in ``?model=`` is not one, so the beta session omits it.
         return common | {
+            "model": None,
             "modalities": settings.modalities,
             "voice": settings.voice,
             "input_audio_format": settings.input_audio_format,

@@ -281,12 +281,31 @@ class OutputTextDone(TextDone, tag="response.output_text.done"):
     """GA name of ``response.text.done``."""
 
 
-GA_NAMES: dict[type[ServerEvent], type[ServerEvent]] = {
+_GA_NAMES: dict[type[ServerEvent], type[ServerEvent]] = {
     ItemCreated: ItemAdded,
     TextDelta: OutputTextDelta,
     TextDone: OutputTextDone,
 }
-"""Beta event classes and their GA counterparts (same fields, other ``type``)."""
+_GA_CONTENT_TYPES = {"text": "output_text", "audio": "output_audio"}
+
+
+def to_ga(event: ServerEvent) -> ServerEvent:
+    """``event`` as the GA protocol names it: other event types for text and items,
+    ``output_text`` / ``output_audio`` for the assistant's content parts."""
+    if isinstance(event, ResponseDone):
+        output = [
+            msgspec.structs.replace(item, content=[
+                {**part, "type": _GA_CONTENT_TYPES.get(part["type"], part["type"])}
+                for part in item.content
+            ])
+            for item in event.response.output
+        ]
+        return msgspec.structs.replace(
+            event, response=msgspec.structs.replace(event.response, output=output))
+    ga_type = _GA_NAMES.get(type(event))
+    if ga_type is None:
+        return event
+    return ga_type(**msgspec.structs.asdict(event))
 
 
 _encoder = msgspec.json.Encoder()

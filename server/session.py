@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
-import msgspec
 from aiohttp import WSMsgType, web
 
 from sandbox import CallFailed, CharacterInfo, Pool, SandboxCrashed, SandboxTimeout
@@ -79,8 +78,8 @@ class Session:
         metrics.forget_session(self.id)
 
     async def send(self, event: protocol.ServerEvent) -> None:
-        if self.dialect is Dialect.GA and type(event) in protocol.GA_NAMES:
-            event = protocol.GA_NAMES[type(event)](**msgspec.structs.asdict(event))
+        if self.dialect is Dialect.GA:
+            event = protocol.to_ga(event)
         event_type = type(event).__struct_config__.tag
         assert isinstance(event_type, str)
         if self.ws.closed or not dialects.accepts(self.dialect, event_type):
