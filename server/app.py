@@ -29,6 +29,7 @@ from . import dialects, metrics
 from .characters import CharacterSet
 from .config import Config
 from .errors import TroupeError
+from .kyutai_tts import KyutaiTTS
 from .llm_backend import Backend
 from .session import Session
 
@@ -39,6 +40,7 @@ POOL = web.AppKey("pool", Pool)
 VOICES = web.AppKey("voices", CharacterSet)
 SESSIONS = web.AppKey("sessions", dict[str, Session])
 LLM_BACKEND = web.AppKey("llm", Backend)
+TTS = web.AppKey("tts", KyutaiTTS)
 
 
 def create_app(config: Config) -> web.Application:
@@ -49,6 +51,7 @@ def create_app(config: Config) -> web.Application:
     app[SESSIONS] = {}
     app.cleanup_ctx.append(_sandbox_pool)
     app.cleanup_ctx.append(_language_model)
+    app.cleanup_ctx.append(_speech)
     app.on_shutdown.append(_close_sessions)
     app.router.add_get("/v1/realtime", realtime)
     app.router.add_get("/v1/health", health)
@@ -85,6 +88,18 @@ async def _language_model(app: web.Application) -> AsyncIterator[None]:
     await backend.close()
 
 
+async def _speech(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if config.tts is None:
+        yield
+        return
+    tts = KyutaiTTS(config.tts, api_key=config.tts_api_key)
+    await tts.start()
+    app[TTS] = tts
+    yield
+    await tts.close()
+
+
 async def _close_sessions(app: web.Application) -> None:
     sessions = list(app[SESSIONS].values())
     await asyncio.gather(
@@ -110,7 +125,7 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
         return ws
     dialect = dialects.detect(request.query, request.headers)
     session = Session(ws, dialect, request.query.get("model"), app[POOL], config,
-                      app[LLM_BACKEND].llm)
+                      app[LLM_BACKEND].llm, app.get(TTS))
     sessions[session.id] = session
     metrics.SESSIONS.inc()
     metrics.SESSIONS_ACTIVE.inc()
@@ -138,9 +153,13 @@ async def health(request: web.Request) -> web.Response:
         "pid": os.getpid(),
         "stt_up": False,
         "llm_up": llm.up,
-        "tts_up": False,
+        "tts_up": TTS in app,
         "voice_cloning_up": False,
-        "backends": {"stt": "missing", "llm": llm.status, "tts": "missing"},
+        "backends": {
+            "stt": "missing",
+            "llm": llm.status,
+            "tts": f"configured: {app[TTS].url}" if TTS in app else "missing",
+        },
         "sandbox": {
             "pool_idle": pool.idle,
             "pool_size": pool.config.pool_size,

@@ -31,6 +31,9 @@ class Config:
     """Base URL of an OpenAI-compatible chat-completions API; unset: built-in responder."""
     llm_model: str | None = None
     llm_api_key: str | None = None
+    tts: str | None = None
+    """WebSocket URL of a Kyutai TTS (moshi-server); unset: replies are text only."""
+    tts_api_key: str = "public_token"
     log_level: str = "INFO"
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
@@ -59,6 +62,10 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
      "model name; may be left out when the endpoint serves exactly one"),
     ("--llm-api-key", "TROUPE_LLM_API_KEY", str,
      "API key of the --llm endpoint (never reaches character code)"),
+    ("--tts", "TROUPE_TTS", str,
+     "URL of a Kyutai TTS server (moshi-server, e.g. ws://127.0.0.1:8089); "
+     "unset: replies are text only"),
+    ("--tts-api-key", "TROUPE_TTS_API_KEY", str, "kyutai-api-key sent to the --tts server"),
 ]
 _SANDBOX_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--sandbox-pool-size", "TROUPE_SANDBOX_POOL_SIZE", int,

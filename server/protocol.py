@@ -281,10 +281,37 @@ class OutputTextDone(TextDone, tag="response.output_text.done"):
     """GA name of ``response.text.done``."""
 
 
+class AudioDelta(ServerEvent, tag="response.audio.delta"):
+    """Base64 audio in the session's output format (pcm16: 24 kHz mono int16 LE)."""
+
+    response_id: str
+    item_id: str
+    delta: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class OutputAudioDelta(AudioDelta, tag="response.output_audio.delta"):
+    """GA name of ``response.audio.delta``."""
+
+
+class AudioDone(ServerEvent, tag="response.audio.done"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class OutputAudioDone(AudioDone, tag="response.output_audio.done"):
+    """GA name of ``response.audio.done``."""
+
+
 _GA_NAMES: dict[type[ServerEvent], type[ServerEvent]] = {
     ItemCreated: ItemAdded,
     TextDelta: OutputTextDelta,
     TextDone: OutputTextDone,
+    AudioDelta: OutputAudioDelta,
+    AudioDone: OutputAudioDone,
 }
 _GA_CONTENT_TYPES = {"text": "output_text", "audio": "output_audio"}
 

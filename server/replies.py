@@ -5,13 +5,14 @@
     cancelled (response.cancel, a reload, another character): response.done (cancelled)
     the model's backend fails: error backend_unavailable, response.done (failed)
 
-Text only for now: the voice loop (speech in and out) is not built yet.
+With a TTS, the reply is also spoken: text goes to the TTS as the model writes it and
+``response.audio.delta`` (pcm16) events follow, then ``response.audio.done``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from sandbox import CallFailed, Sandbox, SandboxError
@@ -19,6 +20,7 @@ from sandbox import CallFailed, Sandbox, SandboxError
 from . import protocol
 from .conversation import Conversation
 from .errors import ServerSideError
+from .kyutai_tts import AudioChunk, KyutaiTTS, pcm16_base64
 from .llm import LLM, BackendUnavailable, respond
 
 Send = Callable[[protocol.ServerEvent], Awaitable[None]]
@@ -28,14 +30,17 @@ SendError = Callable[[ServerSideError], Awaitable[None]]
 async def run_reply(
     *, send: Send, send_error: SendError, llm: LLM, sandbox: Sandbox, character: str,
     system_prompt: str, conversation: Conversation, temperature: float,
+    tts: KyutaiTTS | None = None, voice: str | None = None,
 ) -> None:
-    """Stream one reply of ``character``; always ends with ``response.done``."""
+    """Stream one reply of ``character``; always ends with ``response.done``. With
+    ``tts``, the text is spoken as it streams and the audio sent as pcm16."""
     response_id, item_id = protocol.new_id("resp"), protocol.new_id("item")
     await send(protocol.ResponseCreated(
         response=protocol.ResponseInfo(id=response_id, status="in_progress", voice=character)))
     status, text = "failed", ""
     messages: list[dict[str, Any]] = []
     first_new = 0
+    speech = _Speech(tts, voice, send, response_id, item_id) if tts is not None else None
     try:
         tools = await sandbox.tools(character)
 
@@ -52,11 +57,15 @@ async def run_reply(
         try:
             async for delta in respond(llm, messages, tools, call_tool, temperature):
                 text += delta
+                if speech is not None:
+                    speech.say(delta)
                 await send(protocol.TextDelta(response_id=response_id, item_id=item_id,
                                               delta=delta))
         finally:
             conversation.record(messages)
         await send(protocol.TextDone(response_id=response_id, item_id=item_id, text=text))
+        if speech is not None:
+            await speech.finish()
         status = "completed"
     except asyncio.CancelledError:
         status = "cancelled"
@@ -68,16 +77,54 @@ async def run_reply(
             conversation.add_assistant_text(text[len(recorded):])
         raise
     except BackendUnavailable as exc:
-        await send_error(ServerSideError("backend_unavailable", str(exc)))
+        await send_error(exc)
     except SandboxError as exc:
         await send_error(ServerSideError("sandbox_crashed", f"getting the tools: {exc}"))
     finally:
+        if speech is not None:
+            await speech.stop()
         output = [protocol.MessageItem(
             id=item_id, role="assistant", content=[{"type": "text", "text": text}],
             status="completed" if status == "completed" else "incomplete",
         )]
         await asyncio.shield(send(protocol.ResponseDone(response=protocol.ResponseInfo(
             id=response_id, status=status, voice=character, output=output))))
+
+
+class _Speech:
+    """Text in as the model writes it, pcm16 audio events out as the TTS speaks."""
+
+    def __init__(self, tts: KyutaiTTS, voice: str | None, send: Send,
+                 response_id: str, item_id: str) -> None:
+        self._text: asyncio.Queue[str | None] = asyncio.Queue()
+        self._send = send
+        self._response_id, self._item_id = response_id, item_id
+        self._task = asyncio.create_task(self._speak(tts, voice))
+
+    def say(self, text: str) -> None:
+        self._text.put_nowait(text)
+
+    async def finish(self) -> None:
+        """Wait until everything said so far has been spoken and sent."""
+        self._text.put_nowait(None)
+        await self._task
+        await self._send(protocol.AudioDone(response_id=self._response_id,
+                                            item_id=self._item_id))
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _speak(self, tts: KyutaiTTS, voice: str | None) -> None:
+        async for event in tts.speak(self._chunks(), voice):
+            if isinstance(event, AudioChunk):
+                await self._send(protocol.AudioDelta(
+                    response_id=self._response_id, item_id=self._item_id,
+                    delta=pcm16_base64(event.pcm)))
+
+    async def _chunks(self) -> AsyncGenerator[str, None]:
+        while (text := await self._text.get()) is not None:
+            yield text
 
 
 def user_text(item: protocol.Item) -> str:

@@ -30,6 +30,7 @@ from .config import Config
 from .conversation import Conversation
 from .dialects import Dialect, SessionSettings
 from .errors import ServerSideError, TroupeError
+from .kyutai_tts import KyutaiTTS
 from .llm import LLM
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ T = TypeVar("T")
 class Session:
     def __init__(
         self, ws: web.WebSocketResponse, dialect: Dialect, model: str | None,
-        pool: Pool, config: Config, llm: LLM,
+        pool: Pool, config: Config, llm: LLM, tts: KyutaiTTS | None = None,
     ) -> None:
         self.id = protocol.new_id("sess")
         self.ws = ws
@@ -49,6 +50,7 @@ class Session:
         self.characters = CharacterSet(pool, config, f"session {self.id}")
         self.system_prompt: str | None = None
         self.llm = llm
+        self.tts = tts
         self.conversation = Conversation()
         self._reply: asyncio.Task[None] | None = None
         self.started = time.monotonic()
@@ -244,10 +246,16 @@ class Session:
         if self.system_prompt is None or self.settings.voice != character:
             self.system_prompt = await self._sandbox_call(sandbox.system_prompt(character))
             self.settings.voice = character
+        speaks = (self.tts is not None and "audio" in self.settings.modalities
+                  and self.settings.output_audio_format == "pcm16")
+        info = self.characters.find(character)
+        source = info.voice_source if info is not None else {}
         self._reply = asyncio.create_task(replies.run_reply(
             send=self.send, send_error=self.send_error, llm=self.llm, sandbox=sandbox,
             character=character, system_prompt=self.system_prompt,
             conversation=self.conversation, temperature=self.settings.temperature,
+            tts=self.tts if speaks else None,
+            voice=source.get("path_on_server") or source.get("voice"),
         ), name=f"{self.id}-reply")
 
     def _speaker(self) -> str | None:

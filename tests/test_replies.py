@@ -1,8 +1,10 @@
-"""Text turns through the real server: a user message and response.create give a
-streamed reply from the language model, with tools run in the session's sandbox."""
+"""Replies through the real server: a user message and response.create give a
+streamed reply from the language model, with tools run in the session's sandbox,
+spoken through the TTS when one is configured."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from conftest import (
     error_code,
     write_directory,
 )
+from fake_kyutai import FakeKyutaiTTS, fake_kyutai_tts_fixture  # noqa: F401
 from fake_openai import (
     FakeOpenAI,
     call,
@@ -179,3 +182,25 @@ async def test_unmute_clients_get_only_events_they_accept(connect: Connect) -> N
     assert events[0]["response"]["voice"]
     assert {e["type"] for e in events[1:-1]} == {"response.text.delta"}
     assert listed["type"] == "session.characters.listed"
+
+
+async def test_replies_are_spoken_through_the_tts(
+    fake_openai: FakeOpenAI, fake_kyutai_tts: FakeKyutaiTTS, make_server: MakeServer,
+    connect_to: ConnectTo, allowed_root: Path,
+) -> None:
+    server = await make_server(llm=fake_openai.base_url, tts=fake_kyutai_tts.url)
+    fake_openai.script(text("Fair ", "winds ", "ahead."))
+    session = await connect_to(server)
+    await session.reload(write_directory(allowed_root, "d", {
+        "a.py": character_source("Ada", voice_path="voices/ada.wav")}))
+
+    events = await turn(session, "Any news?")
+
+    kinds = [e["type"] for e in events]
+    audio = b"".join(base64.b64decode(e["delta"]) for e in events
+                     if e["type"] == "response.output_audio.delta")
+    assert kinds.index("response.output_audio.done") < kinds.index("response.done")
+    assert len(audio) == 2 * 3 * fake_kyutai_tts.samples_per_word  # pcm16, 3 words
+    assert fake_kyutai_tts.connections[-1].texts == ["Fair", "winds", "ahead."]
+    assert fake_kyutai_tts.connections[-1].query["voice"] == "voices/ada.wav"
+    assert reply_text(events) == "Fair winds ahead."

@@ -1,0 +1,401 @@
+"""Speech from a Kyutai TTS server: moshi-server's WebSocket ``/api/tts_streaming``.
+
+    KyutaiTTS.speak(text_chunks, voice)
+      ws_connect …/api/tts_streaming?format=PcmMessagePack&voice=…&cfg_alpha=…
+                 header kyutai-api-key
+      ◀── Ready                        Error instead: no free channel → BackendUnavailable
+      ──▶ Text{text}                   one whole word per message, as text_chunks arrive
+      ──▶ Eos                          once text_chunks is exhausted
+      ◀── Text{text, start_s, stop_s}  ──▶ yield SpokenWord
+      ◀── Audio{pcm: [f32 …]}          ──▶ yield AudioChunk   (24 kHz mono, 1920 a frame)
+      ◀── close                        every word spoken: the generator ends
+
+Every message is one binary frame holding a msgpack map tagged by ``type``. A writer
+task sends the words and a reader task decodes the replies; both report to one queue
+that ``speak`` drains, so a failure on either side ends the reply at once. Leaving
+``speak`` early (a barge-in cancels or closes it) stops both tasks and closes the
+socket without waiting for the server.
+
+Every wait on the server is bounded by ``timeout``: connecting, ``Ready``, and each
+gap between frames (moshi-server pings every 10 s, so on a live server this catches a
+dead connection, not slow synthesis). Waiting for ``text_chunks`` is the caller's
+business: the language model has its own timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from .llm import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24000
+"""moshi-server's TTS speaks 24 kHz mono float32 (Mimi's rate), 1920 samples a frame."""
+STREAMING_PATH = "/api/tts_streaming"
+API_KEY_HEADER = "kyutai-api-key"
+
+
+# ── the wire ─────────────────────────────────────────────────────────────────
+
+
+class _Message(msgspec.Struct, tag_field="type"):
+    """A msgpack map whose ``type`` names the variant (serde's ``#[serde(tag = "type")]``)."""
+
+
+class Text(_Message, tag="Text"):
+    """Client → server: text to speak; the server splits it at spaces."""
+
+    text: str
+
+
+class Eos(_Message, tag="Eos"):
+    """Client → server: no more text; the server closes once it has spoken it all."""
+
+
+class Ready(_Message, tag="Ready"):
+    """Server → client: a channel is ours, text may follow."""
+
+
+class Word(_Message, tag="Text"):
+    """Server → client: a word was spoken, with its place in the audio (seconds)."""
+
+    text: str
+    start_s: float
+    stop_s: float
+
+
+class Audio(_Message, tag="Audio"):
+    """Server → client: the next float32 samples at 24 kHz."""
+
+    pcm: list[float]
+
+
+class Error(_Message, tag="Error"):
+    """Server → client: e.g. ``no free channels`` (every slot of its batch is busy)."""
+
+    message: str
+
+
+ClientMessage = Text | Eos
+ServerMessage = Ready | Word | Audio | Error
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[ServerMessage] = msgspec.msgpack.Decoder(ServerMessage)
+
+
+def encode(message: ClientMessage) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes) -> ServerMessage:
+    """Raises ``msgspec.DecodeError`` (a ``ValidationError`` too) on a frame this
+    client does not know, e.g. ``OggOpus`` when a format other than ours was asked."""
+    return _decoder.decode(frame)
+
+
+# ── what speak yields ────────────────────────────────────────────────────────
+
+
+class SpokenWord(msgspec.Struct, frozen=True):
+    text: str
+    start_s: float
+    stop_s: float
+
+
+class AudioChunk(msgspec.Struct, frozen=True):
+    pcm: npt.NDArray[np.float32]
+    """Mono samples in [-1, 1] at ``SAMPLE_RATE``."""
+
+
+TtsEvent = SpokenWord | AudioChunk
+
+
+def pcm16_base64(samples: npt.NDArray[np.floating[Any]]) -> str:
+    """Float samples (clipped to [-1, 1]) as little-endian int16 PCM in base64: the
+    ``delta`` of the OpenAI dialects' ``response.audio.delta`` in ``pcm16``."""
+    ints = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    return base64.b64encode(ints.tobytes()).decode("ascii")
+
+
+# ── text to words ────────────────────────────────────────────────────────────
+
+_SPACES = re.compile(r"\s+")
+# Unmute's prepare_text_for_tts: markdown marks are not spoken, curly quotes are
+# straightened for the tokenizer.
+_SPEAKABLE = str.maketrans({"*": None, "_": None, "`": None,
+                            "“": '"', "”": '"', "‘": "'", "’": "'"})
+
+
+async def words(chunks: AsyncIterator[str]) -> AsyncGenerator[str, None]:
+    """Whole words from text streamed in arbitrary pieces, cleaned for speech.
+
+    moshi-server tokenizes each message word by word, so a word split across two
+    messages would be spoken as two; a word is sent once the space after it (or the
+    end of the text) has arrived, as Unmute's ``rechunk_to_words`` does."""
+    pending = ""
+    async for chunk in chunks:
+        *complete, pending = _SPACES.split(pending + chunk)
+        for word in complete:
+            if spoken := word.translate(_SPEAKABLE):
+                yield spoken
+    if spoken := pending.translate(_SPEAKABLE):
+        yield spoken
+
+
+# ── the client ───────────────────────────────────────────────────────────────
+
+
+class KyutaiTTS:
+    """A moshi-server TTS at ``url`` (``ws://host:8089``; the path is added if missing).
+
+    ``cfg_alpha``, ``seed``, ``temperature``, ``top_k`` and ``max_seq_len`` go in the
+    query string when set, as Unmute sends them. moshi-server's batched TTS (the
+    ``Py`` module Unmute deploys) reads only ``voice``, ``format`` and ``auth_id``
+    and ignores the rest; its single-stream ``Tts`` module reads them all.
+    """
+
+    def __init__(
+        self, url: str, api_key: str = "public_token", cfg_alpha: float | None = 1.5,
+        *, seed: int | None = None, temperature: float | None = None,
+        top_k: int | None = None, max_seq_len: int | None = None,
+        timeout: float = 30.0, close_timeout: float = 1.0,
+    ) -> None:
+        self.url = url if url.rstrip("/").endswith(STREAMING_PATH) \
+            else url.rstrip("/") + STREAMING_PATH
+        self.api_key = api_key
+        self.options: dict[str, float | int | None] = {
+            "cfg_alpha": cfg_alpha, "seed": seed, "temperature": temperature,
+            "top_k": top_k, "max_seq_len": max_seq_len,
+        }
+        self.timeout = timeout
+        self.close_timeout = close_timeout
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def name(self) -> str:
+        return f"the TTS server at {self.url}"
+
+    async def start(self) -> None:
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    def query(self, voice: str | None) -> dict[str, str]:
+        """The query string for ``voice`` (a path under the server's voice folder,
+        e.g. Unmute's ``path_on_server``; ``None``: the server's default voice)."""
+        params = {"format": "PcmMessagePack", "voice": voice, **self.options}
+        return {key: str(value) for key, value in params.items() if value is not None}
+
+    async def speak(
+        self, text_chunks: AsyncIterator[str], voice: str | None
+    ) -> AsyncGenerator[TtsEvent, None]:
+        """Speak the text as it streams in: words and audio in the order the server
+        sends them, until it has spoken everything. Connects on the first ``anext``,
+        so start iterating before the first word exists to hide the handshake.
+
+        Raises ``BackendUnavailable`` when the server cannot be reached, refuses the
+        key, is at capacity, errs, stalls or drops the connection; an exception from
+        ``text_chunks`` ends the reply with that exception. Either way the socket is
+        closed, as it is when the caller stops early."""
+        ws = await self._connect(voice)
+        reply: _Reply | None = None
+        try:
+            await self._wait_ready(ws)
+            reply = _Reply(ws, self.name, self.timeout)
+            reply.start(text_chunks)
+            while (item := await reply.next()) is not None:
+                yield item
+        finally:
+            if reply is not None:
+                await reply.stop()
+            await ws.close()
+
+    async def _connect(self, voice: str | None) -> aiohttp.ClientWebSocketResponse:
+        if self._http is None:
+            raise RuntimeError("KyutaiTTS.speak() before start()")
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._http.ws_connect(
+                    self.url, params=self.query(voice),
+                    headers={API_KEY_HEADER: self.api_key},
+                    timeout=aiohttp.ClientWSTimeout(ws_close=self.close_timeout),
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise self._refused(exc) from exc
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"{self.name} did not accept a connection within {self.timeout:g} s; "
+                f"check that it is running and not overloaded") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BackendUnavailable(
+                f"cannot reach {self.name} ({exc or type(exc).__name__}); start "
+                f"moshi-server with a TTS config, or point --tts at a running one") from exc
+
+    def _refused(self, exc: aiohttp.WSServerHandshakeError) -> BackendUnavailable:
+        match exc.status:
+            case 401 | 403:
+                return BackendUnavailable(
+                    f"{self.name} refused the API key (HTTP {exc.status}); pass one of "
+                    f"its authorized_ids with --tts-api-key")
+            case 404:
+                return BackendUnavailable(
+                    f"{self.name} has no such route (HTTP 404); check that --tts points "
+                    f"at a moshi-server running a TTS config")
+        return BackendUnavailable(
+            f"{self.name} refused the WebSocket (HTTP {exc.status} {exc.message}); "
+            f"see its log")
+
+    async def _wait_ready(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Until ``Ready``. Frames left over from the channel's previous client can
+        come first (Unmute saw this race in moshi-server): they are skipped."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await ws.receive()
+                    if message.type is not aiohttp.WSMsgType.BINARY:
+                        raise BackendUnavailable(
+                            f"{self.name} closed the connection before it was ready; "
+                            f"see its log")
+                    match _decode_or_fail(message.data, self.name):
+                        case Ready():
+                            return
+                        case Error(text):
+                            raise BackendUnavailable(
+                                f"{self.name} is at capacity ({text}): every channel of "
+                                f"its batch is busy; retry later, or give it a larger "
+                                f"batch_size")
+                        case stale:
+                            log.warning("%s sent %s before Ready; skipped",
+                                        self.name, type(stale).__name__)
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"{self.name} was not ready within {self.timeout:g} s; check that it "
+                f"is running and not overloaded") from exc
+
+
+def _decode_or_fail(frame: bytes, where: str) -> ServerMessage:
+    try:
+        return decode(frame)
+    except msgspec.DecodeError as exc:
+        raise BackendUnavailable(
+            f"{where} sent a message this client does not understand ({exc}); is it "
+            f"a moshi-server TTS?") from exc
+
+
+class _Reply:
+    """One reply on a ready socket: a writer task sends the words, a reader task
+    decodes the answers, and both report to one queue. ``None`` in the queue: the
+    server closed after ``Eos``, everything was spoken."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, name: str, timeout: float) -> None:
+        self._ws = ws
+        self._name = name
+        self._timeout = timeout
+        self._queue: asyncio.Queue[TtsEvent | BaseException | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._eos_sent = False
+        self._words_sent = 0
+        self._words_spoken = 0
+
+    def start(self, text_chunks: AsyncIterator[str]) -> None:
+        self._tasks = [asyncio.create_task(self._write(text_chunks)),
+                       asyncio.create_task(self._read())]
+
+    async def next(self) -> TtsEvent | None:
+        # Unbounded wait: the reader bounds every wait on the server, the language
+        # model bounds its own.
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+
+    async def _write(self, text_chunks: AsyncIterator[str]) -> None:
+        try:
+            async with contextlib.aclosing(words(text_chunks)) as spoken:
+                async for word in spoken:
+                    if not await self._send(Text(word)):
+                        return
+                    self._words_sent += 1
+        except Exception as exc:  # the text's source (the LLM) failed: so does the reply
+            self._queue.put_nowait(exc)
+            return
+        self._eos_sent = True
+        await self._send(Eos())
+
+    async def _send(self, message: ClientMessage) -> bool:
+        try:
+            await self._ws.send_bytes(encode(message))
+        except (ConnectionError, aiohttp.ClientError):
+            return False  # the socket is gone; the reader reports how
+        return True
+
+    async def _read(self) -> None:
+        try:
+            while (event := await self._receive()) is not None:
+                self._queue.put_nowait(event)
+        except BackendUnavailable as exc:
+            self._queue.put_nowait(exc)
+        else:
+            if self._words_spoken != self._words_sent:
+                log.warning("%s spoke %d of the %d words sent", self._name,
+                            self._words_spoken, self._words_sent)
+            self._queue.put_nowait(None)
+
+    async def _receive(self) -> TtsEvent | None:
+        """The next event; ``None`` at the clean end."""
+        while True:
+            try:
+                message = await self._ws.receive(timeout=self._timeout)
+            except TimeoutError as exc:
+                raise BackendUnavailable(
+                    f"{self._name} sent nothing for {self._timeout:g} s mid-reply; check "
+                    f"that it is running and not overloaded") from exc
+            match message.type:
+                case aiohttp.WSMsgType.BINARY:
+                    pass
+                case aiohttp.WSMsgType.CLOSE if self._eos_sent:
+                    return None
+                case aiohttp.WSMsgType.CLOSE:
+                    raise BackendUnavailable(
+                        f"{self._name} closed the connection before the reply was "
+                        f"finished (code {message.data}); see its log")
+                case aiohttp.WSMsgType.TEXT:
+                    raise BackendUnavailable(
+                        f"{self._name} sent a text frame ({message.data[:80]!r}); is it "
+                        f"a moshi-server TTS?")
+                case _:  # CLOSED: the connection ended without a close frame; ERROR
+                    raise BackendUnavailable(
+                        f"the connection to {self._name} broke off mid-reply "
+                        f"({message.data or message.type.name}); see its log")
+            match _decode_or_fail(message.data, self._name):
+                case Word(text="") | Ready():
+                    continue
+                case Word(text, start_s, stop_s):
+                    self._words_spoken += 1
+                    return SpokenWord(text, start_s, stop_s)
+                case Audio(pcm):
+                    return AudioChunk(np.asarray(pcm, dtype=np.float32))
+                case Error(text):
+                    raise BackendUnavailable(f"{self._name} failed mid-reply: {text}")
