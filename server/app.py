@@ -29,6 +29,7 @@ from . import dialects, metrics
 from .characters import CharacterSet
 from .config import Config
 from .errors import TroupeError
+from .kyutai_stt import KyutaiSTT
 from .kyutai_tts import KyutaiTTS
 from .llm_backend import Backend
 from .session import Session
@@ -41,6 +42,7 @@ VOICES = web.AppKey("voices", CharacterSet)
 SESSIONS = web.AppKey("sessions", dict[str, Session])
 LLM_BACKEND = web.AppKey("llm", Backend)
 TTS = web.AppKey("tts", KyutaiTTS)
+STT = web.AppKey("stt", KyutaiSTT)
 
 
 def create_app(config: Config) -> web.Application:
@@ -90,14 +92,17 @@ async def _language_model(app: web.Application) -> AsyncIterator[None]:
 
 async def _speech(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    if config.tts is None:
-        yield
-        return
-    tts = KyutaiTTS(config.tts, api_key=config.tts_api_key)
-    await tts.start()
-    app[TTS] = tts
+    if config.tts is not None:
+        app[TTS] = KyutaiTTS(config.tts, api_key=config.tts_api_key)
+        await app[TTS].start()
+    if config.stt is not None:
+        app[STT] = KyutaiSTT(config.stt, api_key=config.stt_api_key)
+        await app[STT].start()
     yield
-    await tts.close()
+    if TTS in app:
+        await app[TTS].close()
+    if STT in app:
+        await app[STT].close()
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -125,7 +130,7 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
         return ws
     dialect = dialects.detect(request.query, request.headers)
     session = Session(ws, dialect, request.query.get("model"), app[POOL], config,
-                      app[LLM_BACKEND].llm, app.get(TTS))
+                      app[LLM_BACKEND].llm, app.get(TTS), app.get(STT))
     sessions[session.id] = session
     metrics.SESSIONS.inc()
     metrics.SESSIONS_ACTIVE.inc()
@@ -151,12 +156,12 @@ async def health(request: web.Request) -> web.Response:
     body = {
         "ok": ok,
         "pid": os.getpid(),
-        "stt_up": False,
+        "stt_up": STT in app,
         "llm_up": llm.up,
         "tts_up": TTS in app,
         "voice_cloning_up": False,
         "backends": {
-            "stt": "missing",
+            "stt": f"configured: {app[STT].url}" if STT in app else "missing",
             "llm": llm.status,
             "tts": f"configured: {app[TTS].url}" if TTS in app else "missing",
         },

@@ -34,6 +34,9 @@ class Config:
     tts: str | None = None
     """WebSocket URL of a Kyutai TTS (moshi-server); unset: replies are text only."""
     tts_api_key: str = "public_token"
+    stt: str | None = None
+    """WebSocket URL of a Kyutai STT (moshi-server); unset: no audio input."""
+    stt_api_key: str = "public_token"
     log_level: str = "INFO"
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
@@ -66,6 +69,10 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
      "URL of a Kyutai TTS server (moshi-server, e.g. ws://127.0.0.1:8089); "
      "unset: replies are text only"),
     ("--tts-api-key", "TROUPE_TTS_API_KEY", str, "kyutai-api-key sent to the --tts server"),
+    ("--stt", "TROUPE_STT", str,
+     "URL of a Kyutai STT server (moshi-server, e.g. ws://127.0.0.1:8090); "
+     "unset: audio input is refused"),
+    ("--stt-api-key", "TROUPE_STT_API_KEY", str, "kyutai-api-key sent to the --stt server"),
 ]
 _SANDBOX_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--sandbox-pool-size", "TROUPE_SANDBOX_POOL_SIZE", int,

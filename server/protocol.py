@@ -101,13 +101,27 @@ class ResponseCancel(ClientEvent, tag="response.cancel"):
     response_id: str | None = None
 
 
+class AudioAppend(ClientEvent, tag="input_audio_buffer.append"):
+    audio: str
+    """Base64 audio in the session's input format."""
+
+
+class AudioCommit(ClientEvent, tag="input_audio_buffer.commit"):
+    pass
+
+
+class AudioClear(ClientEvent, tag="input_audio_buffer.clear"):
+    pass
+
+
 ClientEventUnion = (
     SessionUpdate | CharactersReload | CharactersList | ItemCreate | ResponseCreate
-    | ResponseCancel
+    | ResponseCancel | AudioAppend | AudioCommit | AudioClear
 )
 CLIENT_EVENT_TYPES = (
     "session.update", "session.characters.reload", "session.characters.list",
     "conversation.item.create", "response.create", "response.cancel",
+    "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
 )
 
 
@@ -279,6 +293,33 @@ class TextDone(ServerEvent, tag="response.text.done"):
 
 class OutputTextDone(TextDone, tag="response.output_text.done"):
     """GA name of ``response.text.done``."""
+
+
+class TranscriptionDelta(ServerEvent, tag="conversation.item.input_audio_transcription.delta"):
+    """Words of the person's speech as the STT hears them (``start_time``: seconds
+    into the session's audio, Unmute's extension)."""
+
+    item_id: str
+    delta: str
+    start_time: float
+    content_index: int = 0
+
+
+class TranscriptionCompleted(
+    ServerEvent, tag="conversation.item.input_audio_transcription.completed"
+):
+    item_id: str
+    transcript: str
+    content_index: int = 0
+
+
+class AudioCommitted(ServerEvent, tag="input_audio_buffer.committed"):
+    item_id: str
+    previous_item_id: str | None = None
+
+
+class AudioCleared(ServerEvent, tag="input_audio_buffer.cleared"):
+    pass
 
 
 class AudioDelta(ServerEvent, tag="response.audio.delta"):

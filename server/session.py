@@ -30,7 +30,9 @@ from .config import Config
 from .conversation import Conversation
 from .dialects import Dialect, SessionSettings
 from .errors import ServerSideError, TroupeError
+from .kyutai_stt import KyutaiSTT
 from .kyutai_tts import KyutaiTTS
+from .listening import Listening
 from .llm import LLM
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class Session:
     def __init__(
         self, ws: web.WebSocketResponse, dialect: Dialect, model: str | None,
         pool: Pool, config: Config, llm: LLM, tts: KyutaiTTS | None = None,
+        stt: KyutaiSTT | None = None,
     ) -> None:
         self.id = protocol.new_id("sess")
         self.ws = ws
@@ -51,6 +54,8 @@ class Session:
         self.system_prompt: str | None = None
         self.llm = llm
         self.tts = tts
+        self.stt = stt
+        self._listening: Listening | None = None
         self.conversation = Conversation()
         self._reply: asyncio.Task[None] | None = None
         self.started = time.monotonic()
@@ -74,6 +79,7 @@ class Session:
             worker.cancel()
             await asyncio.gather(worker, return_exceptions=True)
             await self._cancel_reply()
+            await self._stop_listening()
 
     async def close(self) -> None:
         await self.characters.close()
@@ -172,6 +178,13 @@ class Session:
             case protocol.ResponseCancel():
                 if not await self._cancel_reply():
                     raise TroupeError("invalid_event", "no response is in progress to cancel")
+            case protocol.AudioAppend(audio=audio):
+                await self._append_audio(audio)
+            case protocol.AudioCommit():
+                await self._commit_audio()
+            case protocol.AudioClear():
+                await self._stop_listening()
+                await self.send(protocol.AudioCleared())
 
     async def _load(self, directory: str, reply: bool) -> None:
         loaded = await self.characters.load(directory)
@@ -228,6 +241,48 @@ class Session:
             id=item.id or protocol.new_id("item"), role="user",
             content=[{"type": "input_text", "text": text}],
         )))
+
+    async def _append_audio(self, audio: str) -> None:
+        if self.stt is None:
+            raise ServerSideError(
+                "backend_unavailable",
+                "no speech-to-text is configured; start the server with --stt, "
+                "or send text with conversation.item.create",
+            )
+        if self.settings.input_audio_format != "pcm16":
+            raise TroupeError(
+                "invalid_event",
+                f"input audio in {self.settings.input_audio_format} is not supported yet; "
+                "send pcm16 (session.update input_audio_format)",
+                param="session.input_audio_format",
+            )
+        if self._listening is None:
+            self._listening = await Listening.open(self.stt, self.send)
+        await self._listening.append(audio)
+
+    async def _commit_audio(self) -> None:
+        listening, self._listening = self._listening, None
+        if listening is None:
+            raise TroupeError("invalid_event", "the input audio buffer is empty; "
+                              "send input_audio_buffer.append first")
+        try:
+            transcript = await listening.commit()
+        finally:
+            await listening.close()
+        await self.send(protocol.AudioCommitted(item_id=listening.item_id))
+        await self.send(protocol.ItemCreated(previous_item_id=None, item=protocol.MessageItem(
+            id=listening.item_id, role="user",
+            content=[{"type": "input_audio", "transcript": transcript}],
+        )))
+        await self.send(protocol.TranscriptionCompleted(
+            item_id=listening.item_id, transcript=transcript))
+        if transcript:
+            self.conversation.add_user_text(transcript)
+
+    async def _stop_listening(self) -> None:
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            await listening.close()
 
     async def _start_reply(self) -> None:
         if self._reply is not None and not self._reply.done():

@@ -18,6 +18,7 @@ from conftest import (
     write_directory,
 )
 from fake_kyutai import FakeKyutaiTTS, fake_kyutai_tts_fixture  # noqa: F401
+from fake_kyutai_stt import FakeKyutaiSTT, fake_kyutai_stt_fixture  # noqa: F401
 from fake_openai import (
     FakeOpenAI,
     call,
@@ -204,3 +205,46 @@ async def test_replies_are_spoken_through_the_tts(
     assert fake_kyutai_tts.connections[-1].texts == ["Fair", "winds", "ahead."]
     assert fake_kyutai_tts.connections[-1].query["voice"] == "voices/ada.wav"
     assert reply_text(events) == "Fair winds ahead."
+
+
+async def test_push_to_talk_speech_becomes_the_users_message(
+    fake_openai: FakeOpenAI, fake_kyutai_stt: FakeKyutaiSTT, make_server: MakeServer,
+    connect_to: ConnectTo,
+) -> None:
+    server = await make_server(llm=fake_openai.base_url, stt=fake_kyutai_stt.url)
+    fake_kyutai_stt.script(("Hello", 0.2), ("there", 0.6), end=0.9)
+    fake_openai.script(text("Hi!"))
+    session = await connect_to(server)
+    second = base64.b64encode(bytes(2 * 24_000)).decode()  # one second of pcm16 silence
+
+    for _ in range(2):
+        await session.send({"type": "input_audio_buffer.append", "audio": second})
+    await session.send({"type": "input_audio_buffer.commit"})
+    heard = [await session.receive()]
+    while heard[-1]["type"] != "conversation.item.input_audio_transcription.completed":
+        heard.append(await session.receive())
+    events = await turn_without_message(session)
+
+    deltas = [e for e in heard if e["type"].endswith("transcription.delta")]
+    assert "".join(e["delta"] for e in deltas) == "Hello there"
+    assert [e["start_time"] for e in deltas] == [0.2, 0.6]
+    assert heard[-1]["transcript"] == "Hello there"
+    assert reply_text(events) == "Hi!"
+    assert fake_openai.requests[-1]["messages"][-1] == {"role": "user", "content": "Hello there"}
+
+
+async def test_audio_without_an_stt_is_refused_clearly(connect: Connect) -> None:
+    session = await connect()
+
+    refused = await session.request({"type": "input_audio_buffer.append", "audio": "AAAA"})
+
+    assert error_code(refused) == "backend_unavailable"
+    assert "--stt" in refused["error"]["message"]
+
+
+async def turn_without_message(session: Realtime) -> list[dict[str, Any]]:
+    await session.send({"type": "response.create"})
+    events = [await session.receive()]
+    while events[-1]["type"] != "response.done":
+        events.append(await session.receive())
+    return events
