@@ -1,11 +1,12 @@
-"""The person's side of a turn, push-to-talk: audio in, transcript out.
+"""The person's side of the conversation: audio in, transcript and turns out.
 
     input_audio_buffer.append (pcm16 24 kHz, base64) ─▶ STTStream.send_audio
-    STT Word events ─▶ conversation.item.input_audio_transcription.delta
-    input_audio_buffer.commit ─▶ flush ─▶ the transcript, which becomes a user message
+    STT Word ─▶ conversation.item.input_audio_transcription.delta, TurnTaking.word()
+    STT Pause ─▶ TurnTaking.pause() ─▶ END_TURN / INTERRUPT / SPEECH_STARTED ─▶ on_turn
+    input_audio_buffer.commit ─▶ flush ─▶ the utterance so far (push-to-talk)
 
-Automatic turn detection (ending the turn on a pause, barge-in) is not built yet:
-the client commits, as with ``turn_detection: null``.
+One STT stream lasts as long as the session sends audio; ``take`` cuts it into the
+person's utterances.
 """
 
 from __future__ import annotations
@@ -17,27 +18,35 @@ from collections.abc import Awaitable, Callable
 
 from . import protocol
 from .errors import TroupeError
-from .kyutai_stt import Flushed, KyutaiSTT, STTStream, Word, pcm16_to_float
+from .kyutai_stt import Flushed, KyutaiSTT, Pause, STTStream, Word, pcm16_to_float
 from .llm import BackendUnavailable
+from .turns import Action, TurnTaking
 
 Send = Callable[[protocol.ServerEvent], Awaitable[None]]
+OnTurn = Callable[[Action, float], Awaitable[None]]
 
 
 class Listening:
-    """One utterance being transcribed; ``commit`` ends it."""
+    """The session's audio going through the STT; ``turns`` (None: push-to-talk)
+    decides when the person has finished or interrupts, reported to ``on_turn``
+    with the audio time in seconds."""
 
-    def __init__(self, stream: STTStream, send: Send) -> None:
+    def __init__(self, stream: STTStream, send: Send, turns: TurnTaking | None,
+                 on_turn: OnTurn) -> None:
         self.item_id = protocol.new_id("item")
+        self.turns = turns
         self._stream = stream
         self._send = send
+        self._on_turn = on_turn
         self._words: list[str] = []
         self._flushed = asyncio.Event()
         self._failure: BackendUnavailable | None = None
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, stt: KyutaiSTT, send: Send) -> Listening:
-        return cls(await stt.open(), send)
+    async def open(cls, stt: KyutaiSTT, send: Send, turns: TurnTaking | None,
+                   on_turn: OnTurn) -> Listening:
+        return cls(await stt.open(), send, turns, on_turn)
 
     async def append(self, audio: str) -> None:
         """Send base64 pcm16 audio on. Raises ``TroupeError`` for bad audio and
@@ -53,13 +62,20 @@ class Listening:
             ) from None
         await self._stream.send_audio(pcm)
 
-    async def commit(self) -> str:
-        """Flush the STT and return the whole transcript. Raises ``BackendUnavailable``."""
+    async def commit(self) -> tuple[str, str]:
+        """Flush the STT and ``take`` the utterance. Raises ``BackendUnavailable``."""
+        self._flushed.clear()
         await self._stream.flush()
         await self._flushed.wait()
         if self._failure is not None:
             raise self._failure
-        return " ".join(self._words)
+        return self.take()
+
+    def take(self) -> tuple[str, str]:
+        """The current utterance (its item id and transcript); the next one starts."""
+        taken = self.item_id, " ".join(self._words)
+        self.item_id, self._words = protocol.new_id("item"), []
+        return taken
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -71,10 +87,15 @@ class Listening:
             async for event in self._stream:
                 match event:
                     case Word(text=text, start_time=start) if text:
+                        if self.turns is not None and (action := self.turns.word()):
+                            await self._on_turn(action, start)
                         delta = text if not self._words else " " + text
                         self._words.append(text)
                         await self._send(protocol.TranscriptionDelta(
                             item_id=self.item_id, delta=delta, start_time=start))
+                    case Pause(probability=probability, time=time) if self.turns is not None:
+                        if action := self.turns.pause(probability):
+                            await self._on_turn(action, time)
                     case Flushed():
                         self._flushed.set()
         except BackendUnavailable as exc:

@@ -322,6 +322,20 @@ class AudioCleared(ServerEvent, tag="input_audio_buffer.cleared"):
     pass
 
 
+class SpeechStarted(ServerEvent, tag="input_audio_buffer.speech_started"):
+    item_id: str
+    audio_start_ms: int
+
+
+class SpeechStopped(ServerEvent, tag="input_audio_buffer.speech_stopped"):
+    item_id: str
+    audio_end_ms: int
+
+
+class InterruptedByVad(ServerEvent, tag="unmute.interrupted_by_vad"):
+    """Unmute's extension: the person's speech interrupted the reply."""
+
+
 class AudioDelta(ServerEvent, tag="response.audio.delta"):
     """Base64 audio in the session's output format (pcm16: 24 kHz mono int16 LE)."""
 

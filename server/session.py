@@ -18,6 +18,7 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from aiohttp import WSMsgType, web
@@ -34,6 +35,7 @@ from .kyutai_stt import KyutaiSTT
 from .kyutai_tts import KyutaiTTS
 from .listening import Listening
 from .llm import LLM
+from .turns import Action, TurnTaking
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,7 +61,7 @@ class Session:
         self.conversation = Conversation()
         self._reply: asyncio.Task[None] | None = None
         self.started = time.monotonic()
-        self._jobs: asyncio.Queue[protocol.ClientEventUnion | None] = asyncio.Queue()
+        self._jobs: asyncio.Queue[protocol.ClientEventUnion | _Turn | None] = asyncio.Queue()
         self._reloads: collections.deque[float] = collections.deque()
 
     @property
@@ -150,18 +152,20 @@ class Session:
             try:
                 await self._handle(event)
             except TroupeError as exc:
-                await self.send_error(exc, event.event_id if event is not None else None)
+                await self.send_error(exc, getattr(event, "event_id", None))
             except Exception:
                 log.exception("%s: failed to handle %r", self.id, event)
                 await self.send_error(
                     ServerSideError("server_error", "internal error; the server logged it"),
-                    event.event_id if event is not None else None,
+                    getattr(event, "event_id", None),
                 )
             finally:
                 self.characters.retire()
 
-    async def _handle(self, event: protocol.ClientEventUnion | None) -> None:
+    async def _handle(self, event: protocol.ClientEventUnion | _Turn | None) -> None:
         match event:
+            case _Turn():
+                await self._turn(event)
             case None:
                 await self._load("default", reply=False)
             case protocol.CharactersReload(directory=directory):
@@ -257,25 +261,63 @@ class Session:
                 param="session.input_audio_format",
             )
         if self._listening is None:
-            self._listening = await Listening.open(self.stt, self.send)
+            turns = TurnTaking() if self.settings.turn_detection is not None else None
+            self._listening = await Listening.open(self.stt, self.send, turns, self._on_turn)
         await self._listening.append(audio)
 
+    async def _on_turn(self, action: Action, at: float) -> None:
+        """From the STT reader. The start of speech is told at once (before the first
+        word's transcription); ending a turn and barge-in change the conversation, so
+        they are handled in order with the client's events."""
+        if action is Action.SPEECH_STARTED and self._listening is not None:
+            await self.send(protocol.SpeechStarted(item_id=self._listening.item_id,
+                                                   audio_start_ms=int(at * 1000)))
+        else:
+            await self._jobs.put(_Turn(action, at))
+
+    async def _turn(self, turn: _Turn) -> None:
+        listening = self._listening
+        if listening is None:
+            return  # the buffer was cleared meanwhile
+        at_ms = int(turn.at * 1000)
+        match turn.action:
+            case Action.INTERRUPT:
+                await self._cancel_reply()
+                await self.send(protocol.SpeechStarted(item_id=listening.item_id,
+                                                       audio_start_ms=at_ms))
+                await self.send(protocol.InterruptedByVad())
+            case Action.END_TURN:
+                await self.send(protocol.SpeechStopped(item_id=listening.item_id,
+                                                       audio_end_ms=at_ms))
+                item_id, transcript = listening.take()
+                await self._commit_utterance(item_id, transcript)
+                if transcript:
+                    await self._start_reply()
+                elif listening.turns is not None:
+                    listening.turns.reply_ended()
+
     async def _commit_audio(self) -> None:
-        listening, self._listening = self._listening, None
+        listening = self._listening
         if listening is None:
             raise TroupeError("invalid_event", "the input audio buffer is empty; "
                               "send input_audio_buffer.append first")
-        try:
-            transcript = await listening.commit()
-        finally:
-            await listening.close()
-        await self.send(protocol.AudioCommitted(item_id=listening.item_id))
+        if listening.turns is None:  # push-to-talk: one stream per utterance
+            self._listening = None
+            try:
+                item_id, transcript = await listening.commit()
+            finally:
+                await listening.close()
+        else:
+            item_id, transcript = await listening.commit()
+        await self._commit_utterance(item_id, transcript)
+
+    async def _commit_utterance(self, item_id: str, transcript: str) -> None:
+        await self.send(protocol.AudioCommitted(item_id=item_id))
         await self.send(protocol.ItemCreated(previous_item_id=None, item=protocol.MessageItem(
-            id=listening.item_id, role="user",
+            id=item_id, role="user",
             content=[{"type": "input_audio", "transcript": transcript}],
         )))
-        await self.send(protocol.TranscriptionCompleted(
-            item_id=listening.item_id, transcript=transcript))
+        await self.send(protocol.TranscriptionCompleted(item_id=item_id, transcript=transcript))
         if transcript:
             self.conversation.add_user_text(transcript)
 
@@ -312,6 +354,11 @@ class Session:
             tts=self.tts if speaks else None,
             voice=source.get("path_on_server") or source.get("voice"),
         ), name=f"{self.id}-reply")
+        self._reply.add_done_callback(self._reply_ended)
+
+    def _reply_ended(self, reply: asyncio.Task[None]) -> None:
+        if self._listening is not None and self._listening.turns is not None:
+            self._listening.turns.reply_ended()
 
     def _speaker(self) -> str | None:
         """The selected character, else the first good one of the set."""
@@ -379,3 +426,12 @@ def _reloaded(loaded: Loaded) -> protocol.CharactersReloaded:
         errors=[protocol.LoadError(e.file, e.error_type, e.message) for e in loaded.errors],
         duration_ms=loaded.duration_ms,
     )
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """A turn-taking decision, queued behind the client's events."""
+
+    action: Action
+    at: float
+

@@ -215,6 +215,9 @@ async def test_push_to_talk_speech_becomes_the_users_message(
     fake_kyutai_stt.script(("Hello", 0.2), ("there", 0.6), end=0.9)
     fake_openai.script(text("Hi!"))
     session = await connect_to(server)
+    updated = await session.request({"type": "session.update", "session": {
+        "type": "realtime", "audio": {"input": {"turn_detection": None}}}})
+    assert updated["session"]["audio"]["input"]["turn_detection"] is None
     second = base64.b64encode(bytes(2 * 24_000)).decode()  # one second of pcm16 silence
 
     for _ in range(2):
@@ -248,3 +251,41 @@ async def turn_without_message(session: Realtime) -> list[dict[str, Any]]:
     while events[-1]["type"] != "response.done":
         events.append(await session.receive())
     return events
+
+
+async def test_a_pause_ends_the_turn_and_speech_interrupts_the_reply(
+    fake_openai: FakeOpenAI, fake_kyutai_stt: FakeKyutaiSTT, make_server: MakeServer,
+    connect_to: ConnectTo,
+) -> None:
+    server = await make_server(llm=fake_openai.base_url, stt=fake_kyutai_stt.url)
+    # The pause after 0.9 s ends the turn; "more" at 2.4 s comes during the reply.
+    fake_kyutai_stt.script(("Tell", 0.2), ("me", 0.5), ("more", 2.4), end=0.9)
+    fake_openai.script(stall("Well,"))
+    session = await connect_to(server)
+    frame = base64.b64encode(bytes(2 * 1920)).decode()  # 80 ms of pcm16
+
+    async def speak(seconds: float) -> None:
+        for _ in range(round(seconds / 0.08)):
+            await session.send({"type": "input_audio_buffer.append", "audio": frame})
+
+    async def until(kind: str, heard: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        heard.append(await session.receive())
+        while heard[-1]["type"] != kind:
+            heard.append(await session.receive())
+        return heard
+
+    await speak(1.6)  # "Tell me", then a pause: the turn ends and the reply begins
+    first = await until("response.output_text.delta", [])
+    await speak(1.6)  # "more", while the character is answering: a barge-in
+    second = await until("unmute.interrupted_by_vad", [])
+
+    kinds = [e["type"] for e in first]
+    assert kinds[0] == "input_audio_buffer.speech_started"
+    assert kinds.index("input_audio_buffer.speech_stopped") < kinds.index("response.created")
+    completed = next(e for e in first
+                     if e["type"] == "conversation.item.input_audio_transcription.completed")
+    assert completed["transcript"] == "Tell me"
+    assert [e["type"] for e in second][-3:] == [
+        "response.done", "input_audio_buffer.speech_started", "unmute.interrupted_by_vad"]
+    assert second[-3]["response"]["status"] == "cancelled"
+    assert fake_openai.requests[0]["messages"][-1] == {"role": "user", "content": "Tell me"}
