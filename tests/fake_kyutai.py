@@ -33,6 +33,7 @@ import msgspec
 import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
+from loopback import serve
 
 SAMPLE_RATE = 24000
 FRAME = 1920
@@ -84,12 +85,8 @@ class FakeKyutaiTTS:
             raise RuntimeError(f"FakeKyutaiTTS is already serving at {self.url}")
         app = web.Application()
         app.router.add_get("/api/tts_streaming", self._tts_streaming)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"ws://{host}:{port}"
+        self._runner, address = await serve(app)
+        self.url = f"ws://{address}"
         return self.url
 
     async def close(self) -> None:

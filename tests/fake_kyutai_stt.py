@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 import pytest
 from aiohttp import WSCloseCode, WSMsgType, web
+from loopback import serve
 
 FRAME_SAMPLES = 1920
 FRAME_SEC = FRAME_SAMPLES / 24_000
@@ -152,12 +153,8 @@ class FakeKyutaiSTT:
             raise RuntimeError(f"FakeKyutaiSTT is already serving at {self.url}")
         app = web.Application()
         app.router.add_get("/api/asr-streaming", self._asr_streaming)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"ws://{host}:{port}"
+        self._runner, address = await serve(app)
+        self.url = f"ws://{address}"
         return self.url
 
     async def close(self) -> None:

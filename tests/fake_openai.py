@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from loopback import serve
 
 # ── the script ───────────────────────────────────────────────────────────────
 
@@ -137,12 +138,8 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.base_url = f"http://{host}:{port}/v1"
+        self._runner, address = await serve(app)
+        self.base_url = f"http://{address}/v1"
         return self.base_url
 
     async def close(self) -> None:
