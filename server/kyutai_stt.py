@@ -202,6 +202,15 @@ class KyutaiSTT:
         self._owns_http = http is None
         self._streams: set[STTStream] = set()
 
+    pause_hold = 0.0
+    """Kyutai's pause heads already say "finished": no need to hold them."""
+    speech_starts_turn = False
+    """Only a recognised word starts the person's turn (and interrupts a reply)."""
+
+    @property
+    def name(self) -> str:
+        return f"the speech-to-text server at {self.url}"
+
     async def start(self) -> None:
         if self._http is None:
             self._http = aiohttp.ClientSession()

@@ -25,11 +25,10 @@ business: the language model has its own timeout.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -122,11 +121,11 @@ class AudioChunk(msgspec.Struct, frozen=True):
 TtsEvent = SpokenWord | AudioChunk
 
 
-def pcm16_base64(samples: npt.NDArray[np.floating[Any]]) -> str:
-    """Float samples (clipped to [-1, 1]) as little-endian int16 PCM in base64: the
-    ``delta`` of the OpenAI dialects' ``response.audio.delta`` in ``pcm16``."""
+def pcm16_bytes(samples: npt.NDArray[np.floating[Any]]) -> bytes:
+    """Float samples (clipped to [-1, 1]) as little-endian int16 PCM: what the OpenAI
+    dialects' ``response.audio.delta`` carries (base64) in ``pcm16``."""
     ints = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
-    return base64.b64encode(ints.tobytes()).decode("ascii")
+    return bytes(ints.tobytes())
 
 
 # ── text to words ────────────────────────────────────────────────────────────
@@ -186,6 +185,12 @@ class KyutaiTTS:
     @property
     def name(self) -> str:
         return f"the TTS server at {self.url}"
+
+    def voice_for(self, source: Mapping[str, Any]) -> str | None:
+        """The server-side voice of a ``VOICE_SOURCE``: Unmute's ``path_on_server``,
+        else its ``voice``, else the server's default."""
+        voice = source.get("path_on_server") or source.get("voice")
+        return str(voice) if voice else None
 
     async def start(self) -> None:
         if self._http is None:

@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable
 
 from . import protocol
 from .errors import TroupeError
-from .kyutai_stt import Flushed, KyutaiSTT, Pause, STTStream, Word, pcm16_to_float
+from .kyutai_stt import Flushed, Pause, Word, pcm16_to_float
 from .llm import BackendUnavailable
+from .opus import OpusDecoder
+from .speech import SpeechToText, STTStream
 from .turns import Action, TurnTaking
 
 Send = Callable[[protocol.ServerEvent], Awaitable[None]]
@@ -32,8 +34,10 @@ class Listening:
     with the audio time in seconds."""
 
     def __init__(self, stream: STTStream, send: Send, turns: TurnTaking | None,
-                 on_turn: OnTurn) -> None:
+                 on_turn: OnTurn, audio_format: str = "pcm16") -> None:
         self.item_id = protocol.new_id("item")
+        self.audio_format = audio_format
+        self._opus = OpusDecoder() if audio_format == "opus" else None
         self.turns = turns
         self._stream = stream
         self._send = send
@@ -44,23 +48,26 @@ class Listening:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def open(cls, stt: KyutaiSTT, send: Send, turns: TurnTaking | None,
-                   on_turn: OnTurn) -> Listening:
-        return cls(await stt.open(), send, turns, on_turn)
+    async def open(cls, stt: SpeechToText, send: Send, turns: TurnTaking | None,
+                   on_turn: OnTurn, audio_format: str = "pcm16") -> Listening:
+        return cls(await stt.open(), send, turns, on_turn, audio_format)
 
     async def append(self, audio: str) -> None:
-        """Send base64 pcm16 audio on. Raises ``TroupeError`` for bad audio and
-        ``BackendUnavailable`` when the STT failed."""
+        """Send base64 audio (pcm16 24 kHz mono, or the next bytes of an Ogg Opus
+        stream) on. Raises ``TroupeError`` for bad audio and ``BackendUnavailable``
+        when the STT failed."""
         if self._failure is not None:
             raise self._failure
         try:
-            pcm = pcm16_to_float(base64.b64decode(audio, validate=True))
+            data = base64.b64decode(audio, validate=True)
+            pcm = self._opus.decode(data) if self._opus is not None else pcm16_to_float(data)
         except (binascii.Error, ValueError) as exc:
-            raise TroupeError(
-                "invalid_event", f"audio must be base64 pcm16 (24 kHz mono): {exc}",
-                param="audio",
-            ) from None
-        await self._stream.send_audio(pcm)
+            what = ("the next bytes of an Ogg Opus stream, base64" if self._opus is not None
+                    else "base64 pcm16 (24 kHz mono)")
+            raise TroupeError("invalid_event", f"audio must be {what}: {exc}",
+                              param="audio") from None
+        if len(pcm):
+            await self._stream.send_audio(pcm)
 
     async def commit(self) -> tuple[str, str]:
         """Flush the STT and ``take`` the utterance. Raises ``BackendUnavailable``."""
@@ -87,14 +94,14 @@ class Listening:
             async for event in self._stream:
                 match event:
                     case Word(text=text, start_time=start) if text:
-                        if self.turns is not None and (action := self.turns.word()):
+                        if self.turns is not None and (action := self.turns.word(start)):
                             await self._on_turn(action, start)
                         delta = text if not self._words else " " + text
                         self._words.append(text)
                         await self._send(protocol.TranscriptionDelta(
                             item_id=self.item_id, delta=delta, start_time=start))
                     case Pause(probability=probability, time=time) if self.turns is not None:
-                        if action := self.turns.pause(probability):
+                        if action := self.turns.pause(probability, time):
                             await self._on_turn(action, time)
                     case Flushed():
                         self._flushed.set()

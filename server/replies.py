@@ -12,16 +12,19 @@ With a TTS, the reply is also spoken: text goes to the TTS as the model writes i
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from sandbox import CallFailed, Sandbox, SandboxError
 
 from . import protocol
 from .conversation import Conversation
 from .errors import ServerSideError
-from .kyutai_tts import AudioChunk, KyutaiTTS, pcm16_base64
+from .kyutai_tts import AudioChunk, pcm16_bytes
 from .llm import LLM, BackendUnavailable, respond
+from .opus import OpusEncoder, Samples
+from .speech import TextToSpeech
 
 Send = Callable[[protocol.ServerEvent], Awaitable[None]]
 SendError = Callable[[ServerSideError], Awaitable[None]]
@@ -30,17 +33,20 @@ SendError = Callable[[ServerSideError], Awaitable[None]]
 async def run_reply(
     *, send: Send, send_error: SendError, llm: LLM, sandbox: Sandbox, character: str,
     system_prompt: str, conversation: Conversation, temperature: float,
-    tts: KyutaiTTS | None = None, voice: str | None = None,
-) -> None:
+    tts: TextToSpeech | None = None, voice: str | None = None,
+    audio_out: AudioOut | None = None,
+) -> str | None:
     """Stream one reply of ``character``; always ends with ``response.done``. With
-    ``tts``, the text is spoken as it streams and the audio sent as pcm16."""
+    ``tts``, the text is spoken as it streams and the audio sent as pcm16. Returns
+    the text of a completed reply, ``None`` for a failed one."""
     response_id, item_id = protocol.new_id("resp"), protocol.new_id("item")
     await send(protocol.ResponseCreated(
         response=protocol.ResponseInfo(id=response_id, status="in_progress", voice=character)))
     status, text = "failed", ""
     messages: list[dict[str, Any]] = []
     first_new = 0
-    speech = _Speech(tts, voice, send, response_id, item_id) if tts is not None else None
+    speech = (_Speech(tts, voice, send, response_id, item_id, audio_out or Pcm16Out())
+              if tts is not None else None)
     try:
         tools = await sandbox.tools(character)
 
@@ -89,16 +95,59 @@ async def run_reply(
         )]
         await asyncio.shield(send(protocol.ResponseDone(response=protocol.ResponseInfo(
             id=response_id, status=status, voice=character, output=output))))
+    return text if status == "completed" else None
+
+
+class AudioOut(Protocol):
+    """How a reply's samples become ``response.audio.delta`` payloads."""
+
+    def encode(self, samples: Samples) -> bytes: ...
+
+    def finish(self) -> bytes:
+        """The rest, at the end of a reply."""
+
+    def cancel(self) -> None:
+        """A cancelled reply: what is held back is never sent."""
+
+
+class Pcm16Out:
+    def encode(self, samples: Samples) -> bytes:
+        return pcm16_bytes(samples)
+
+    def finish(self) -> bytes:
+        return b""
+
+    def cancel(self) -> None:
+        pass
+
+
+class OpusOut:
+    """One Ogg Opus stream for the whole session (Unmute's frontend decodes one),
+    each reply padded to a whole Opus frame (< 40 ms of silence) at its end."""
+
+    def __init__(self) -> None:
+        self._encoder = OpusEncoder()
+
+    def encode(self, samples: Samples) -> bytes:
+        return self._encoder.encode(samples)
+
+    def finish(self) -> bytes:
+        return self._encoder.flush()
+
+    def cancel(self) -> None:
+        self._encoder.drop_pending()
 
 
 class _Speech:
-    """Text in as the model writes it, pcm16 audio events out as the TTS speaks."""
+    """Text in as the model writes it, audio events out as the TTS speaks."""
 
-    def __init__(self, tts: KyutaiTTS, voice: str | None, send: Send,
-                 response_id: str, item_id: str) -> None:
+    def __init__(self, tts: TextToSpeech, voice: str | None, send: Send,
+                 response_id: str, item_id: str, audio_out: AudioOut) -> None:
         self._text: asyncio.Queue[str | None] = asyncio.Queue()
         self._send = send
+        self._out = audio_out
         self._response_id, self._item_id = response_id, item_id
+        self._finished = False
         self._task = asyncio.create_task(self._speak(tts, voice))
 
     def say(self, text: str) -> None:
@@ -108,19 +157,27 @@ class _Speech:
         """Wait until everything said so far has been spoken and sent."""
         self._text.put_nowait(None)
         await self._task
+        await self._deliver(self._out.finish())
+        self._finished = True
         await self._send(protocol.AudioDone(response_id=self._response_id,
                                             item_id=self._item_id))
 
     async def stop(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        if not self._finished:
+            self._out.cancel()
 
-    async def _speak(self, tts: KyutaiTTS, voice: str | None) -> None:
+    async def _speak(self, tts: TextToSpeech, voice: str | None) -> None:
         async for event in tts.speak(self._chunks(), voice):
             if isinstance(event, AudioChunk):
-                await self._send(protocol.AudioDelta(
-                    response_id=self._response_id, item_id=self._item_id,
-                    delta=pcm16_base64(event.pcm)))
+                await self._deliver(self._out.encode(event.pcm))
+
+    async def _deliver(self, payload: bytes) -> None:
+        if payload:
+            await self._send(protocol.AudioDelta(
+                response_id=self._response_id, item_id=self._item_id,
+                delta=base64.b64encode(payload).decode("ascii")))
 
     async def _chunks(self) -> AsyncGenerator[str, None]:
         while (text := await self._text.get()) is not None:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -31,21 +31,25 @@ from .config import Config
 from .conversation import Conversation
 from .dialects import Dialect, SessionSettings
 from .errors import ServerSideError, TroupeError
-from .kyutai_stt import KyutaiSTT
-from .kyutai_tts import KyutaiTTS
 from .listening import Listening
 from .llm import LLM
+from .speech import SpeechToText, TextToSpeech
 from .turns import Action, TurnTaking
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+SILENCE_MARKER = "..."
+"""The person's turn when they stayed silent (Unmute's marker): the character goes on."""
+GOODBYE = "Bye!"
+"""A reply ending with this closes the session once it has been spoken."""
+
 
 class Session:
     def __init__(
         self, ws: web.WebSocketResponse, dialect: Dialect, model: str | None,
-        pool: Pool, config: Config, llm: LLM, tts: KyutaiTTS | None = None,
-        stt: KyutaiSTT | None = None,
+        pool: Pool, config: Config, llm: LLM, tts: TextToSpeech | None = None,
+        stt: SpeechToText | None = None,
     ) -> None:
         self.id = protocol.new_id("sess")
         self.ws = ws
@@ -58,6 +62,7 @@ class Session:
         self.tts = tts
         self.stt = stt
         self._listening: Listening | None = None
+        self._opus_out: replies.OpusOut | None = None
         self.conversation = Conversation()
         self._reply: asyncio.Task[None] | None = None
         self.started = time.monotonic()
@@ -253,16 +258,17 @@ class Session:
                 "no speech-to-text is configured; start the server with --stt, "
                 "or send text with conversation.item.create",
             )
-        if self.settings.input_audio_format != "pcm16":
-            raise TroupeError(
-                "invalid_event",
-                f"input audio in {self.settings.input_audio_format} is not supported yet; "
-                "send pcm16 (session.update input_audio_format)",
-                param="session.input_audio_format",
-            )
+        if (self._listening is not None
+                and self._listening.audio_format != self.settings.input_audio_format):
+            await self._stop_listening()  # the format changed: a new stream
         if self._listening is None:
-            turns = TurnTaking() if self.settings.turn_detection is not None else None
-            self._listening = await Listening.open(self.stt, self.send, turns, self._on_turn)
+            turns = TurnTaking(
+                pause_hold=self.stt.pause_hold,
+                speech_starts_turn=self.stt.speech_starts_turn,
+                nudge_after=self.config.nudge_after or None,
+            ) if self.settings.turn_detection is not None else None
+            self._listening = await Listening.open(self.stt, self.send, turns, self._on_turn,
+                                                   self.settings.input_audio_format)
         await self._listening.append(audio)
 
     async def _on_turn(self, action: Action, at: float) -> None:
@@ -290,11 +296,24 @@ class Session:
                 await self.send(protocol.SpeechStopped(item_id=listening.item_id,
                                                        audio_end_ms=at_ms))
                 item_id, transcript = listening.take()
-                await self._commit_utterance(item_id, transcript)
                 if transcript:
-                    await self._start_reply()
-                elif listening.turns is not None:
+                    await self._commit_utterance(item_id, transcript)
+                    await self._start_reply_or_listen(listening)
+                elif listening.turns is not None:  # a noise, not words: nothing to answer
                     listening.turns.reply_ended()
+            case Action.NUDGE:
+                if self._reply is None or self._reply.done():
+                    self.conversation.add_user_text(SILENCE_MARKER)
+                    await self._start_reply_or_listen(listening)
+
+    async def _start_reply_or_listen(self, listening: Listening) -> None:
+        """Start the reply the turn-taking expects; if none can start, it listens."""
+        try:
+            await self._start_reply()
+        except BaseException:
+            if listening.turns is not None:
+                listening.turns.reply_ended()
+            raise
 
     async def _commit_audio(self) -> None:
         listening = self._listening
@@ -343,18 +362,34 @@ class Session:
         if self.system_prompt is None or self.settings.voice != character:
             self.system_prompt = await self._sandbox_call(sandbox.system_prompt(character))
             self.settings.voice = character
-        speaks = (self.tts is not None and "audio" in self.settings.modalities
-                  and self.settings.output_audio_format == "pcm16")
+        speaks = self.tts is not None and "audio" in self.settings.modalities
         info = self.characters.find(character)
         source = info.voice_source if info is not None else {}
-        self._reply = asyncio.create_task(replies.run_reply(
+        self._reply = asyncio.create_task(self._reply_and_part(
             send=self.send, send_error=self.send_error, llm=self.llm, sandbox=sandbox,
             character=character, system_prompt=self.system_prompt,
             conversation=self.conversation, temperature=self.settings.temperature,
             tts=self.tts if speaks else None,
-            voice=source.get("path_on_server") or source.get("voice"),
+            voice=self.tts.voice_for(source) if self.tts is not None else None,
+            audio_out=self._audio_out(),
         ), name=f"{self.id}-reply")
         self._reply.add_done_callback(self._reply_ended)
+
+    async def _reply_and_part(self, **reply: Any) -> None:
+        """One reply; a character that ends it with ``Bye!`` closes the session, as
+        in Unmute (code 1000: a normal end)."""
+        text = await replies.run_reply(**reply)
+        if text is not None and text.rstrip().endswith(GOODBYE):
+            log.info("%s: the character said goodbye; closing", self.id)
+            await self.ws.close(code=1000, message=b"the character said goodbye")
+
+    def _audio_out(self) -> replies.AudioOut:
+        """pcm16 per reply, or the session's one continuous Ogg Opus stream."""
+        if self.settings.output_audio_format != "opus":
+            return replies.Pcm16Out()
+        if self._opus_out is None:
+            self._opus_out = replies.OpusOut()
+        return self._opus_out
 
     def _reply_ended(self, reply: asyncio.Task[None]) -> None:
         if self._listening is not None and self._listening.turns is not None:

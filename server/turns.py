@@ -1,14 +1,19 @@
-"""Turn-taking without I/O: when the person's turn ends, and when they interrupt.
+"""Turn-taking without I/O: when the person's turn ends, when they interrupt, and
+when a long silence calls for the character to speak.
 
-Fed with what the speech-to-text hears (words, pause probabilities on its audio
-clock) and with the character's replies starting and ending; answers with what the
-session should do. As in Unmute: the turn ends when the pause probability passes
-``END_OF_TURN`` after at least one word; a word heard while the character speaks is
-a barge-in.
+Driven by what the speech-to-text hears, on its audio clock (seconds of audio since
+the stream began): words, and a pause estimate for every step (Kyutai's pause head,
+or 1 − Silero's speech probability). No wall clock: the same audio gives the same
+decisions, and the tests feed it numbers.
 
-    LISTENING ──word──▶ HEARING ──pause > 0.6──▶ END_TURN ─(reply starts)─▶ REPLYING
-        ▲                  ▲                                                 │
-        └──reply ends──────┴──────────────word (barge-in: INTERRUPT)─────────┘
+    LISTENING ──word, or speech held SPEECH_HOLD*──▶ HEARING  (SPEECH_STARTED)
+    HEARING ──pause > END_OF_TURN held pause_hold──▶ REPLYING (END_TURN)
+    REPLYING ──word, or speech held INTERRUPT_HOLD*──▶ HEARING (INTERRUPT: barge-in)
+    REPLYING ──reply_ended()──▶ LISTENING
+    LISTENING ──silence for nudge_after──▶ REPLYING (NUDGE: the character speaks)
+
+    * only with ``speech_starts_turn`` (a voice activity detector); Kyutai's STT
+      starts a turn with its first word, as in Unmute.
 """
 
 from __future__ import annotations
@@ -16,7 +21,17 @@ from __future__ import annotations
 import enum
 
 END_OF_TURN = 0.6
-"""Pause probability above which the person has finished (Unmute's threshold)."""
+"""Pause estimate above which the person has finished (Unmute's threshold)."""
+SPEECH = 0.4
+"""Pause estimate below which the person is speaking (Unmute's barge-in level)."""
+SPEECH_HOLD = 0.1
+"""Seconds of speech before a voice activity detector's turn starts."""
+INTERRUPT_HOLD = 0.25
+"""Seconds of speech over the character before it stops: a cough is not a barge-in."""
+NUDGE_AFTER = 7.0
+"""Seconds of silence after the character spoke before it speaks again (Unmute's)."""
+MAX_NUDGES = 2
+"""Nudges in a row without the person speaking; then the character waits quietly."""
 
 
 class State(enum.Enum):
@@ -29,29 +44,75 @@ class Action(enum.Enum):
     SPEECH_STARTED = "speech_started"
     END_TURN = "end_turn"
     INTERRUPT = "interrupt"
+    NUDGE = "nudge"
 
 
 class TurnTaking:
-    def __init__(self, end_of_turn: float = END_OF_TURN) -> None:
+    def __init__(self, *, end_of_turn: float = END_OF_TURN, pause_hold: float = 0.0,
+                 speech_starts_turn: bool = False, nudge_after: float | None = NUDGE_AFTER,
+                 ) -> None:
         self.state = State.LISTENING
         self.end_of_turn = end_of_turn
+        self.pause_hold = pause_hold
+        self.speech_starts_turn = speech_starts_turn
+        self.nudge_after = nudge_after
+        self.now = 0.0
+        self._paused_since: float | None = None
+        self._speaking_since: float | None = None
+        self._quiet_since: float | None = None
+        self._nudges = 0
 
-    def word(self) -> Action | None:
-        """The person said a word."""
+    def word(self, time: float) -> Action | None:
+        """The person said a word at ``time``."""
+        self._tick(time)
+        self._paused_since = None
         if self.state is State.HEARING:
             return None
-        interrupted = self.state is State.REPLYING
-        self.state = State.HEARING
-        return Action.INTERRUPT if interrupted else Action.SPEECH_STARTED
+        return self._start_hearing()
 
-    def pause(self, probability: float) -> Action | None:
-        """The STT's estimate that the person has stopped speaking."""
-        if self.state is State.HEARING and probability > self.end_of_turn:
-            self.state = State.REPLYING
-            return Action.END_TURN
+    def pause(self, probability: float, time: float) -> Action | None:
+        """The estimate that the person has stopped speaking, for the audio at ``time``."""
+        self._tick(time)
+        self._paused_since = (self._paused_since if self._paused_since is not None
+                              else time) if probability > self.end_of_turn else None
+        self._speaking_since = (self._speaking_since if self._speaking_since is not None
+                                else time) if probability < SPEECH else None
+        match self.state:
+            case State.HEARING if self._held(self._paused_since, self.pause_hold):
+                self.state = State.REPLYING
+                return Action.END_TURN
+            case State.LISTENING | State.REPLYING if self.speech_starts_turn and self._held(
+                    self._speaking_since,
+                    SPEECH_HOLD if self.state is State.LISTENING else INTERRUPT_HOLD):
+                return self._start_hearing()
+            case State.LISTENING if self._speaking_since is not None:
+                self._quiet_since = None  # speech without words yet: not a silence
+            case State.LISTENING if self.nudge_after is not None:
+                if self._quiet_since is None:
+                    self._quiet_since = time
+                elif (time - self._quiet_since >= self.nudge_after - 1e-6
+                      and self._nudges < MAX_NUDGES):
+                    self.state = State.REPLYING
+                    self._nudges += 1
+                    return Action.NUDGE
         return None
 
     def reply_ended(self) -> None:
-        """The character finished (or was cancelled without a barge-in)."""
+        """The character finished (or was cancelled without a barge-in): the silence
+        that may call for a nudge starts now."""
         if self.state is State.REPLYING:
             self.state = State.LISTENING
+            self._quiet_since = self.now
+
+    def _start_hearing(self) -> Action:
+        interrupted = self.state is State.REPLYING
+        self.state = State.HEARING
+        self._paused_since = None
+        self._nudges = 0
+        return Action.INTERRUPT if interrupted else Action.SPEECH_STARTED
+
+    def _held(self, since: float | None, hold: float) -> bool:
+        return since is not None and self.now - since >= hold - 1e-6  # float steps
+
+    def _tick(self, time: float) -> None:
+        self.now = max(self.now, time)

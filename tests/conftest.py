@@ -73,6 +73,8 @@ def config(allowed_root: Path) -> Config:
         characters_dir=REPO / "characters",
         allowed_roots=(allowed_root.resolve(),),
         max_reloads_per_minute=1000,
+        # No backend unless a test starts one: fakes on loopback, or the embedded models.
+        llm=None, stt=None, tts=None,
         sandbox=SandboxConfig(
             limits=ChildLimits(memory_mb=384),
             load_timeout=15.0 * SCALE,
@@ -184,20 +186,22 @@ def free_port() -> int:
 @pytest.fixture
 async def server_process(allowed_root: Path) -> AsyncIterator[Callable[..., Awaitable[str]]]:
     """Start ``python -m server`` as its own process (with ``env`` added to its
-    environment from birth); yields a starter returning the base URL. Stopped by PID."""
+    environment from birth; no backends unless ``env`` names them, e.g.
+    ``TROUPE_STT=embedded``); yields a starter returning the base URL. Stopped by PID."""
     processes: list[asyncio.subprocess.Process] = []
 
     async def start(env: dict[str, str] | None = None) -> str:
         port = free_port()
+        backends = {"TROUPE_LLM": "none", "TROUPE_STT": "none", "TROUPE_TTS": "none"}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server", "--port", str(port),
             "--allowed-root", str(allowed_root), "--log-level", "WARNING",
-            cwd=REPO, env={**os.environ, **(env or {})},
+            cwd=REPO, env={**os.environ, **backends, **(env or {})},
         )
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
-            for _ in range(int(200 * SCALE)):
+            for _ in range(int(600 * SCALE)):  # embedded models take seconds to load
                 try:
                     async with http.get(f"{url}/v1/health") as response:
                         if response.status == 200:

@@ -33,7 +33,7 @@ import msgspec
 import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
-from loopback import serve
+from loopback import build_info, serve
 
 SAMPLE_RATE = 24000
 FRAME = 1920
@@ -85,6 +85,7 @@ class FakeKyutaiTTS:
             raise RuntimeError(f"FakeKyutaiTTS is already serving at {self.url}")
         app = web.Application()
         app.router.add_get("/api/tts_streaming", self._tts_streaming)
+        app.router.add_get("/api/build_info", build_info)
         self._runner, address = await serve(app)
         self.url = f"ws://{address}"
         return self.url

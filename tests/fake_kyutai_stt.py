@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 import pytest
 from aiohttp import WSCloseCode, WSMsgType, web
-from loopback import serve
+from loopback import build_info, serve
 
 FRAME_SAMPLES = 1920
 FRAME_SEC = FRAME_SAMPLES / 24_000
@@ -153,6 +153,7 @@ class FakeKyutaiSTT:
             raise RuntimeError(f"FakeKyutaiSTT is already serving at {self.url}")
         app = web.Application()
         app.router.add_get("/api/asr-streaming", self._asr_streaming)
+        app.router.add_get("/api/build_info", build_info)
         self._runner, address = await serve(app)
         self.url = f"ws://{address}"
         return self.url

@@ -5,6 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 
+async def build_info(request: web.Request) -> web.Response:
+    """moshi-server's ``GET /api/build_info``: what health checks ask (a fake's)."""
+    return web.json_response({"build_timestamp": "fake", "git_describe": "fake"})
+
+
 async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     """Start ``app``; returns its runner (``cleanup()`` it) and ``host:port``."""
     runner = web.AppRunner(app, shutdown_timeout=1.0)

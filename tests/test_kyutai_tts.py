@@ -4,7 +4,6 @@ protocol on loopback (tests/fake_kyutai.py)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 
@@ -24,7 +23,7 @@ from server.kyutai_tts import (
     KyutaiTTS,
     SpokenWord,
     TtsEvent,
-    pcm16_base64,
+    pcm16_bytes,
     words,
 )
 from server.llm import BackendUnavailable
@@ -274,13 +273,13 @@ async def test_words_rechunks_at_spaces() -> None:
     np.array([0.0, 0.5, -0.5, 1.0, -1.0], np.float32),
     tone(3, 1920),
 ])
-def test_pcm16_base64_round_trips(samples: np.ndarray) -> None:
-    raw = base64.b64decode(pcm16_base64(samples))
+def test_pcm16_bytes_round_trips(samples: np.ndarray) -> None:
+    raw = pcm16_bytes(samples)
     assert len(raw) == 2 * len(samples)
     back = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767.0
     np.testing.assert_allclose(back, samples, atol=1 / 32767)
 
 
-def test_pcm16_base64_clips() -> None:
-    raw = base64.b64decode(pcm16_base64(np.array([2.0, -3.0, 1.0], np.float32)))
+def test_pcm16_bytes_clips() -> None:
+    raw = pcm16_bytes(np.array([2.0, -3.0, 1.0], np.float32))
     assert np.frombuffer(raw, dtype="<i2").tolist() == [32767, -32767, 32767]
