@@ -1,4 +1,5 @@
-"""Troupe's terminal client: list, load and talk to a session's characters, in text.
+"""Troupe's terminal client: list, load and talk to a session's characters, in text
+or speech (a WAV file, or the microphone).
 
 Run it from the checkout with the server running (``make run`` serves
 http://127.0.0.1:8000 with the bundled characters)::
@@ -8,7 +9,10 @@ http://127.0.0.1:8000 with the bundled characters)::
     .venv/bin/python -m scripts.client reload default
     .venv/bin/python -m scripts.client say "hello there" --voice Bramble
     .venv/bin/python -m scripts.client say "Ahoy" --directory /srv/characters/pirates
+    .venv/bin/python -m scripts.client say --wav question.wav --save-audio answer.wav
+    .venv/bin/python -m scripts.client say "hi" --save-audio answer.wav
     .venv/bin/python -m scripts.client chat --voice Wren
+    .venv/bin/python -m scripts.client chat --mic --voice Wren
     .venv/bin/python -m scripts.client --url ws://otherhost:8000/v1/realtime?model=x list
 
 Each run opens one WebSocket session (``GET /v1/realtime?model=...``, subprotocol
@@ -24,43 +28,86 @@ Commands:
 - ``reload DIR``: load DIR (absolute, under a root the server allows with
   ``--allowed-root``; a relative DIR is made absolute here; ``default`` is the server's
   own set) and print how many files loaded, each file's error and the duration.
-- ``say TEXT [--voice NAME] [--directory DIR]``: optionally reload DIR, select NAME,
-  send TEXT as a user message and print the reply as it streams. Notes about the
-  reload and the selection go to stderr, the reply alone to stdout.
+- ``say TEXT [--voice NAME] [--directory DIR] [--save-audio OUT.wav]``: optionally
+  reload DIR, select NAME, send TEXT as a user message and print the reply as it
+  streams. Notes about the reload and the selection go to stderr, the reply alone to
+  stdout. ``--save-audio`` writes the spoken reply to OUT.wav.
+- ``say --wav IN.wav [--fast] [...]``: speak IN.wav to the character instead of
+  typing. Any WAV (or other file ``soundfile`` reads), any rate and channels: it is
+  mixed to mono and resampled to 24 kHz here. What the server heard goes to stderr as
+  ``heard: ...``, the reply to stdout.
 - ``chat [--voice NAME] [--directory DIR]``: read lines from stdin until end of input
   or ``/quit`` and print each streamed reply, with the commands ``/list``,
   ``/voice NAME``, ``/reload DIR`` and ``/help``. Selecting another character or
   reloading starts a new conversation (the server clears the history).
+- ``chat --mic [--voice NAME] [--directory DIR]``: talk through the microphone. The
+  server decides when you have finished (its turn detection) and answers; the reply is
+  printed and played on the default output device (none: text only, with a note).
+  Speaking over a reply interrupts it, so use headphones: the character hearing itself
+  through the microphone interrupts itself. ``/quit``, the end of input or Ctrl-C ends it.
 
-Text only. Audio is **not supported yet**: no WAV files in or out, no microphone, no
-playback, since the server's voice loop (speech-to-text and text-to-speech) is not
-built. The replies come from the server's language model (``--llm``), or from its
-built-in responder, which says it is not a model and repeats what it heard.
+Speech, as it flows (all audio on the wire is pcm16, 24 kHz mono, base64)::
+
+    say --wav IN.wav ─ mono, 24 kHz ─▶ input_audio_buffer.append, 80 ms each
+                       (at real time; --fast: as fast as the connection takes it)
+        ─▶ input_audio_buffer.commit (push-to-talk: the turn ends with the file)
+        ◀─ conversation.item.input_audio_transcription.delta / .completed ─▶ stderr
+        ─▶ response.create
+        ◀─ response.output_text.delta ─▶ stdout
+        ◀─ response.output_audio.delta ─▶ --save-audio OUT.wav (24 kHz mono pcm16)
+
+    chat --mic: microphone ─▶ append every 80 ms; the server's turn detection answers
+        on its own when you pause: transcript ─▶ stderr, text ─▶ stdout, audio ─▶ speaker
+
+``--wav`` and ``--mic`` need a server with a speech-to-text backend (its ``--stt``
+option; without one the server answers ``backend_unavailable``), and any reply audio
+a text-to-speech backend (``--tts``); without it ``--save-audio`` fails with a note
+(the reply text is still printed). The replies come
+from the server's language model (``--llm``), or from its built-in responder, which
+says it is not a model and repeats what it heard. Each command asks only for the reply
+audio it uses (``session.update`` ``output_modalities``), so a text ``say`` costs the
+server no speech synthesis.
+
+The microphone goes through ``sounddevice`` (PortAudio). It is kept thin and is not
+covered by the tests, which run without a sound card; only its absence (PortAudio not
+installed: a note on what to install) is.
 
 Every wait for the server has a limit (``--timeout``, 30 s: for an answer as a whole,
-and for a streamed reply between two of its events). Errors from the server are
-printed to stderr as ``error: CODE: message``.
+for a streamed reply between two of its events, and for the transcript once a file
+is sent; not while the file or the microphone is streaming). Errors from the server
+are printed to stderr as ``error: CODE: message``.
 
 Exit status: 0 when everything asked for worked (``chat``: at ``/quit`` or the end of
 input, even if the server refused some lines); 1 on an error event (``list``,
-``reload``, ``say``), a reply that did not complete, a timeout, a refused or lost
-connection; 2 for a bad command line; 130 when interrupted.
+``reload``, ``say``; for ``chat --mic``, one answering the audio, such as no
+speech-to-text), a reply that did not complete, nothing heard in the file, no reply
+audio to save, a timeout, a refused or lost connection; 2 for a bad command line, or
+something needed before anything is sent (an input file that is missing or not audio,
+no directory for ``--save-audio``, no PortAudio or no microphone); 130 when
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
 import itertools
 import json
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+import threading
+import wave
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
+import numpy as np
+import numpy.typing as npt
+import soundfile
 from yarl import URL
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/realtime?model=troupe-cli"
@@ -71,19 +118,50 @@ START_HINT = (
 )
 CHAT_HELP = (
     "type a message and press Enter; commands: /list, /voice NAME, /reload DIR, /help, "
-    "/quit (or end the input). Text only: audio is not supported yet."
+    "/quit (or end the input). To speak instead, run `chat --mic`."
+)
+MIC_HELP = ("speak to the character (headphones keep it from hearing itself); "
+            "/quit, the end of input or Ctrl-C ends the chat")
+PORTAUDIO_HINT = (
+    "install PortAudio (Debian/Ubuntu: sudo apt-get install libportaudio2; "
+    "Fedora: sudo dnf install portaudio; macOS: brew install portaudio), "
+    "or speak from a file with `say --wav FILE`"
 )
 
+SAMPLE_RATE = 24_000
+"""The wire's pcm16: 24 kHz mono, little-endian int16."""
+CHUNK_SEC = 0.08
+CHUNK_SAMPLES = round(SAMPLE_RATE * CHUNK_SEC)
+
 Event = dict[str, Any]
+T = TypeVar("T")
 
 # GA names first; the beta names are accepted too, they carry the same fields.
 ITEM_ADDED = ("conversation.item.added", "conversation.item.created")
 TEXT_DELTA = ("response.output_text.delta", "response.text.delta")
 TEXT_DONE = ("response.output_text.done", "response.text.done")
+AUDIO_DELTA = ("response.output_audio.delta", "response.audio.delta")
+HEARD_DELTA = "conversation.item.input_audio_transcription.delta"
+HEARD_DONE = "conversation.item.input_audio_transcription.completed"
 
 
 class Failure(Exception):
     """The command cannot go on; the message says why, for stderr."""
+
+
+class Closed(Failure):
+    """The server closed the session; code 1000 is a normal end (a character that
+    says goodbye closes it)."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        self.code, self.reason = code, reason
+        super().__init__(f"the server closed the connection (code {code})"
+                         + (f": {reason}" if reason else ""))
+
+
+class CannotStart(Failure):
+    """Something the command needs before it sends anything is missing: an input file,
+    a place for the output, PortAudio, a microphone (exit status 2)."""
 
 
 class ServerError(Failure):
@@ -118,11 +196,14 @@ def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+
+
 # ── the connection ───────────────────────────────────────────────────────────
 
 
 class Connection:
-    """One WebSocket session; every wait is limited to ``timeout`` seconds."""
+    """One WebSocket session; every wait is limited to ``timeout`` seconds unless
+    the caller bounds it otherwise (``receive(bounded=False)``)."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, timeout: float,
                  verbose: bool = False) -> None:
@@ -136,17 +217,20 @@ class Connection:
         event_id = f"cli_{next(self._ids)}"
         frame = json.dumps({**event, "event_id": event_id})
         if self._verbose:
-            note(f">> {frame}")
+            note(f">> {frame}" if event["type"] != "input_audio_buffer.append"
+                 else f">> input_audio_buffer.append {event_id} ({len(event['audio'])} "
+                 "base64 characters)")
         try:
             await self._ws.send_str(frame)
         except (ConnectionError, aiohttp.ClientError) as exc:
             raise Failure(f"the connection is closed, cannot send {event['type']}: {exc}") from None
         return event_id
 
-    async def receive(self) -> Event:
-        """The next event; raises ``Failure`` on a timeout or a closed connection."""
+    async def receive(self, bounded: bool = True) -> Event:
+        """The next event; raises ``Failure`` on a timeout (only if ``bounded``) or a
+        closed connection."""
         try:
-            message = await self._ws.receive(timeout=self.timeout)
+            message = await self._ws.receive(timeout=self.timeout if bounded else None)
         except TimeoutError:
             raise Failure(f"no answer from the server within {self.timeout:g} s "
                           "(raise --timeout if it is just slow)") from None
@@ -163,8 +247,7 @@ class Connection:
         if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                             aiohttp.WSMsgType.CLOSED):
             code = message.data if message.type is aiohttp.WSMsgType.CLOSE else self._ws.close_code
-            reason = f": {message.extra}" if message.extra else ""
-            raise Failure(f"the server closed the connection (code {code}){reason}")
+            raise Closed(code, str(message.extra or ""))
         if message.type is aiohttp.WSMsgType.ERROR:
             raise Failure(f"the connection failed: {message.data}")
         raise Failure(f"the server sent an unexpected {message.type.name} frame")
@@ -256,56 +339,406 @@ async def select(connection: Connection, voice: str) -> str:
     return str(output.get("voice") or session.get("voice") or voice)
 
 
+async def configure(connection: Connection, *, speak: bool,
+                    audio_input: Event | None = None) -> None:
+    """Ask for reply audio only if it is used (the server then skips speech
+    synthesis) and set the GA ``audio.input`` settings (turn detection) if given."""
+    session: Event = {"type": "realtime",
+                      "output_modalities": ["text", "audio"] if speak else ["text"]}
+    if audio_input is not None:
+        session["audio"] = {"input": audio_input}
+    await connection.request({"type": "session.update", "session": session},
+                             "session.updated")
+
+
+PUSH_TO_TALK: Event = {"turn_detection": None}
+"""The turn ends when the client commits the audio, and the reply waits for
+``response.create``."""
+SERVER_TURNS: Event = {"turn_detection": {"type": "server_vad"}}
+"""The server ends the turn when the person pauses, and answers on its own."""
+
+
 def user_message(text: str) -> Event:
     return {"type": "conversation.item.create",
             "item": {"type": "message", "role": "user",
                      "content": [{"type": "input_text", "text": text}]}}
 
 
-async def talk(connection: Connection, text: str, speaker_prefix: bool = False) -> bool:
-    """Send ``text`` and stream the reply to stdout; True if it completed.
-    Errors are printed; a timeout or a lost connection raises ``Failure``."""
+AudioSink = Callable[[bytes], None]
+
+
+async def talk(connection: Connection, text: str, speaker_prefix: bool = False,
+               on_audio: AudioSink | None = None) -> bool:
+    """Send ``text`` and stream the reply to stdout (its audio to ``on_audio``); True
+    if it completed. Errors are printed; a timeout or a lost connection raises
+    ``Failure``."""
     try:
         await connection.request(user_message(text), *ITEM_ADDED)
         request_id = await connection.send({"type": "response.create"})
     except ServerError as exc:
         report(exc)
         return False
-    return await stream_reply(connection, request_id, speaker_prefix)
+    return await stream_reply(connection, request_id, speaker_prefix, on_audio)
 
 
-async def stream_reply(connection: Connection, request_id: str, speaker_prefix: bool) -> bool:
+async def stream_reply(connection: Connection, request_id: str, speaker_prefix: bool,
+                       on_audio: AudioSink | None = None) -> bool:
     """Print the reply to ``response.create`` (sent as ``request_id``) as it streams,
     until ``response.done``; each wait is limited by the connection's timeout."""
-    streamed, ok, line_open = False, True, False
+    printer, ok = ReplyPrinter(speaker_prefix, on_audio), True
     while True:
         event = await connection.receive()
-        kind = event["type"]
-        if kind == "response.created" and speaker_prefix:
-            print(f"{(event.get('response') or {}).get('voice') or '?'}: ", end="", flush=True)
-            line_open = True
-        elif kind in TEXT_DELTA:
-            print(event.get("delta", ""), end="", flush=True)
-            streamed = line_open = True
-        elif kind in TEXT_DONE:
-            print("" if streamed else event.get("text", ""), flush=True)
-            line_open = False
-        elif kind == "error":
+        if event["type"] == "error":
             error = ServerError(event)
-            if line_open:
-                print(flush=True)
-                line_open = False
+            printer.end_line()
             report(error)
             if error.event_id == request_id:
                 return False  # response.create itself was refused: no reply follows
             ok = False
+        elif printer.feed(event):
+            if printer.status != "completed":
+                note(f"error: the reply ended with status {printer.status!r}")
+            return ok and printer.status == "completed"
+
+
+class ReplyPrinter:
+    """Shows replies on stdout as they stream and hands their audio (pcm16 bytes) to
+    ``on_audio``; one reply at a time."""
+
+    def __init__(self, speaker_prefix: bool, on_audio: AudioSink | None = None) -> None:
+        self._speaker_prefix = speaker_prefix
+        self._on_audio = on_audio
+        self._streamed = self._line_open = False
+        self.status: object = None
+        """The last reply's ``response.status``."""
+
+    def feed(self, event: Event) -> bool:
+        """Show ``event`` if it belongs to a reply; True at ``response.done``."""
+        kind = event["type"]
+        if kind == "response.created":
+            self._streamed = False
+            if self._speaker_prefix:
+                voice = (event.get("response") or {}).get("voice") or "?"
+                print(f"{voice}: ", end="", flush=True)
+                self._line_open = True
+        elif kind in TEXT_DELTA:
+            print(event.get("delta", ""), end="", flush=True)
+            self._streamed = self._line_open = True
+        elif kind in TEXT_DONE:
+            print("" if self._streamed else event.get("text", ""), flush=True)
+            self._line_open = False
+        elif kind in AUDIO_DELTA and self._on_audio is not None:
+            self._on_audio(decode_audio(event))
         elif kind == "response.done":
-            if line_open:
-                print(flush=True)
-            status = (event.get("response") or {}).get("status")
-            if status != "completed":
-                note(f"error: the reply ended with status {status!r}")
-            return ok and status == "completed"
+            self.end_line()
+            self.status = (event.get("response") or {}).get("status")
+            return True
+        return False
+
+    def end_line(self) -> None:
+        """End a reply's line on stdout before something else is printed."""
+        if self._line_open:
+            print(flush=True)
+            self._line_open = False
+
+
+def decode_audio(event: Event) -> bytes:
+    try:
+        return base64.b64decode(str(event.get("delta", "")), validate=True)
+    except binascii.Error as exc:
+        raise Failure(f"the server sent {event['type']} that is not base64: {exc}") from None
+
+
+class Heard:
+    """What the server heard the person say, on stderr as ``heard: ...`` while it is
+    transcribed."""
+
+    PREFIX = "heard: "
+
+    def __init__(self) -> None:
+        self._line_open = False
+
+    def feed(self, event: Event) -> str | None:
+        """Show a transcription event; returns the transcript when it is complete."""
+        if event["type"] == HEARD_DELTA:
+            prefix = "" if self._line_open else self.PREFIX
+            print(prefix + str(event.get("delta", "")), end="", file=sys.stderr, flush=True)
+            self._line_open = True
+        elif event["type"] == HEARD_DONE:
+            transcript = str(event.get("transcript") or "")
+            if not self._line_open:
+                print(self.PREFIX + (transcript or "(no words)"), file=sys.stderr, flush=True)
+            self.end_line()
+            return transcript
+        return None
+
+    def end_line(self) -> None:
+        if self._line_open:
+            print(file=sys.stderr, flush=True)
+            self._line_open = False
+
+
+async def first_of(*coroutines: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutines`` together; the result (or exception) of the first to end,
+    once the others are cancelled."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return next(task for task in tasks if task in done).result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ── speech from a file ───────────────────────────────────────────────────────
+
+
+def read_speech(path: str) -> bytes:
+    """The audio of ``path`` (anything ``soundfile`` reads) as the wire's pcm16: mixed
+    to mono, resampled to 24 kHz. Raises ``CannotStart`` if it is missing or not audio."""
+    if not os.path.exists(path):
+        raise CannotStart(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CannotStart(f"{path} is a directory, not a WAV file")
+    try:
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError, ValueError) as exc:  # LibsndfileError is a RuntimeError
+        raise CannotStart(f"cannot read {path} as audio (a WAV file, or another format "
+                          f"libsndfile reads): {exc}") from None
+    if len(samples) == 0:
+        raise CannotStart(f"{path} holds no audio (0 samples)")
+    mono = resample(samples.mean(axis=1), rate)
+    return np.clip(np.round(mono * 32768), -32768, 32767).astype("<i2").tobytes()
+
+
+def resample(samples: npt.NDArray[np.floating[Any]], rate: int,
+             to_rate: int = SAMPLE_RATE) -> npt.NDArray[np.float64]:
+    """``samples`` at ``rate`` as ``to_rate``, by linear interpolation; going down, a
+    windowed-sinc low-pass first keeps what the new rate cannot carry from folding
+    back into the speech band."""
+    if rate == to_rate:
+        return samples.astype(np.float64)
+    taps = np.arange(-32, 33)
+    if rate > to_rate and len(samples) > len(taps):  # shorter: too short to alias much
+        cutoff = 0.5 * to_rate / rate  # cycles a sample, at the old rate
+        kernel = 2 * cutoff * np.sinc(2 * cutoff * taps) * np.hamming(len(taps))
+        samples = np.convolve(samples, kernel / kernel.sum(), mode="same")
+    length = max(1, round(len(samples) * to_rate / rate))
+    resampled: npt.NDArray[np.float64] = np.interp(
+        np.arange(length) * (rate / to_rate), np.arange(len(samples)), samples)
+    return resampled
+
+
+async def send_speech(connection: Connection, pcm: bytes, paced: bool) -> str:
+    """Stream ``pcm`` to a push-to-talk session, commit it and return the transcript
+    (shown on stderr as it comes). An ``error`` raises ``ServerError``."""
+    return await first_of(listen(connection), stream_audio(connection, pcm, paced))
+
+
+async def stream_audio(connection: Connection, pcm: bytes, paced: bool) -> NoReturn:
+    """Send ``pcm`` in 80 ms appends (at real time if ``paced``) and commit it, then
+    give the server the connection's timeout to finish the transcript."""
+    loop = asyncio.get_running_loop()
+    start, chunk_bytes = loop.time(), 2 * CHUNK_SAMPLES
+    for n, offset in enumerate(range(0, len(pcm), chunk_bytes)):
+        if paced:
+            await asyncio.sleep(start + n * CHUNK_SEC - loop.time())
+        await connection.send({"type": "input_audio_buffer.append",
+                               "audio": base64.b64encode(pcm[offset:offset + chunk_bytes])
+                               .decode("ascii")})
+    await connection.send({"type": "input_audio_buffer.commit"})
+    await asyncio.sleep(connection.timeout)
+    raise Failure(f"no transcript from the server within {connection.timeout:g} s of the "
+                  "end of the audio (raise --timeout if it is just slow)")
+
+
+async def listen(connection: Connection) -> str:
+    """Events until the transcript of the committed audio, without a time limit (the
+    audio is still going out). Any ``error`` answers the audio: ``ServerError``."""
+    heard = Heard()
+    while True:
+        event = await connection.receive(bounded=False)
+        if event["type"] == "error":
+            heard.end_line()
+            raise ServerError(event)
+        transcript = heard.feed(event)
+        if transcript is not None:
+            return transcript
+
+
+# ── reply audio to a file ────────────────────────────────────────────────────
+
+
+def check_output(path: str) -> None:
+    """Raises ``CannotStart`` unless a WAV file can be written at ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CannotStart(f"--save-audio {path} is a directory; give a file name")
+    if not os.path.isdir(directory):
+        raise CannotStart(f"--save-audio {path}: no directory {directory}")
+    if not os.access(directory, os.W_OK):
+        raise CannotStart(f"--save-audio {path}: cannot write in {directory}")
+
+
+def save_audio(path: str, pcm: bytes) -> bool:
+    """Write the reply's audio as a 24 kHz mono pcm16 WAV; False (with a note) if
+    the server sent none."""
+    if not pcm:
+        note(f"error: the server sent no audio for the reply, so {path} was not written "
+             "(the server speaks only with a text-to-speech backend: its --tts option)")
+        return False
+    try:
+        with wave.open(path, "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(SAMPLE_RATE)
+            out.writeframes(pcm)
+    except OSError as exc:
+        raise Failure(f"cannot write {path}: {exc}") from None
+    note(f"saved {len(pcm) / 2 / SAMPLE_RATE:.2f} s of the reply's audio to {path}")
+    return True
+
+
+# ── the microphone and the speaker ───────────────────────────────────────────
+# Thin on purpose: the tests run without a sound card, so only the missing-PortAudio
+# path is exercised; everything else here is sounddevice's documented raw streams.
+
+
+def sound_devices() -> Any:
+    """The ``sounddevice`` module, with a default input device; ``CannotStart`` says
+    what to install or plug in otherwise."""
+    try:
+        import sounddevice  # here, not at the top: it loads PortAudio, only --mic needs it
+    except ImportError:
+        raise CannotStart("the microphone needs the sounddevice package: "
+                          ".venv/bin/pip install sounddevice") from None
+    except OSError as exc:  # sounddevice raises it when it finds no PortAudio library
+        raise CannotStart(f"the microphone needs PortAudio, which is not installed "
+                          f"({exc}); {PORTAUDIO_HINT}") from None
+    try:
+        sounddevice.query_devices(kind="input")
+    except (sounddevice.PortAudioError, ValueError) as exc:
+        raise CannotStart(f"no microphone: PortAudio finds no default input device ({exc})"
+                          ) from None
+    return sounddevice
+
+
+class Microphone:
+    """The default input device as pcm16 mono 24 kHz, in 80 ms blocks."""
+
+    def __init__(self, sd: Any) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._blocks: asyncio.Queue[bytes] = asyncio.Queue()
+        try:
+            self._stream = sd.RawInputStream(samplerate=SAMPLE_RATE, channels=1,
+                                             dtype="int16", blocksize=CHUNK_SAMPLES,
+                                             callback=self._captured)
+            self._stream.start()
+        except sd.PortAudioError as exc:
+            raise CannotStart(f"cannot record from the microphone at 24 kHz mono: {exc}"
+                              ) from None
+
+    def _captured(self, data: Any, frames: int, time: Any, status: Any) -> None:
+        # PortAudio's thread: hand the block to the event loop.
+        self._loop.call_soon_threadsafe(self._blocks.put_nowait, bytes(data))
+
+    async def read(self) -> bytes:
+        return await self._blocks.get()
+
+    def close(self) -> None:
+        self._stream.stop()
+        self._stream.close()
+
+
+class Speaker:
+    """Plays pcm16 mono 24 kHz on the default output device as it arrives; ``clear``
+    drops what is not played yet (the reply was interrupted)."""
+
+    def __init__(self, sd: Any) -> None:
+        self._pending = bytearray()
+        self._lock = threading.Lock()
+        self._stream = sd.RawOutputStream(samplerate=SAMPLE_RATE, channels=1,
+                                          dtype="int16", callback=self._pull)
+        self._stream.start()
+
+    @classmethod
+    def open(cls, sd: Any) -> Speaker | None:
+        """The default output device, or None (with a note) if there is none."""
+        try:
+            sd.query_devices(kind="output")
+            return cls(sd)
+        except (sd.PortAudioError, ValueError) as exc:
+            note(f"no sound output ({exc}): the replies are shown as text only")
+            return None
+
+    def play(self, pcm: bytes) -> None:
+        with self._lock:
+            self._pending += pcm
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pending.clear()
+
+    def _pull(self, out: Any, frames: int, time: Any, status: Any) -> None:
+        # PortAudio's thread: what is pending, then silence.
+        with self._lock:
+            n = min(len(out), len(self._pending))
+            out[:n] = bytes(self._pending[:n])
+            del self._pending[:n]
+        out[n:] = bytes(len(out) - n)
+
+    def close(self) -> None:
+        self._stream.stop()
+        self._stream.close()
+
+
+async def stream_microphone(connection: Connection, mic: Microphone) -> NoReturn:
+    while True:
+        block = await mic.read()
+        await connection.send({"type": "input_audio_buffer.append",
+                               "audio": base64.b64encode(block).decode("ascii")})
+
+
+INTERRUPTIONS = ("input_audio_buffer.speech_started", "unmute.interrupted_by_vad")
+"""The person speaks: what is left of the reply's audio here is dropped. The server
+cancels a reply it is still sending (``interrupted_by_vad``), but audio it has sent
+may still be playing, as it comes faster than it plays."""
+
+
+async def converse(connection: Connection, speaker: Speaker | None) -> NoReturn:
+    """Show (and play) what the server sends while the person talks, without a time
+    limit (a person may stay silent). An error answering the audio (it carries its
+    ``event_id``: the only requests are appends) ends the chat with ``ServerError``;
+    others, such as a failed reply, are printed."""
+    heard = Heard()
+    printer = ReplyPrinter(speaker_prefix=True, on_audio=speaker.play if speaker else None)
+    while True:
+        event = await connection.receive(bounded=False)
+        kind = event["type"]
+        if kind == "error":
+            printer.end_line()
+            error = ServerError(event)
+            if error.event_id is not None:
+                raise error
+            report(error)
+        elif kind in (HEARD_DELTA, HEARD_DONE):
+            printer.end_line()
+            heard.feed(event)
+        elif kind in INTERRUPTIONS and speaker is not None:
+            speaker.clear()
+        elif printer.feed(event) and printer.status != "completed":
+            note("(interrupted)" if printer.status == "cancelled"
+                 else f"error: the reply ended with status {printer.status!r}")
+
+
+async def until_quit() -> int:
+    """0 at ``/quit`` or the end of input."""
+    lines = StdinLines()
+    while (line := await lines.readline()) is not None and line.strip() != "/quit":
+        if line.strip():
+            note(f"with --mic, {MIC_HELP}")
+    return 0
 
 
 # ── output ───────────────────────────────────────────────────────────────────
@@ -378,25 +811,81 @@ async def prepare(connection: Connection, directory: str | None, voice: str | No
 
 
 async def run_say(args: argparse.Namespace) -> int:
+    speech = read_speech(args.wav) if args.wav is not None else None
+    if args.save_audio is not None:
+        check_output(args.save_audio)
+    reply_audio = bytearray()
+    on_audio = reply_audio.extend if args.save_audio is not None else None
     async with connect(args.url, args.timeout, args.verbose) as connection:
         await prepare(connection, args.directory, args.voice)
-        return 0 if await talk(connection, args.text) else 1
+        await configure(connection, speak=on_audio is not None,
+                        audio_input=PUSH_TO_TALK if speech is not None else None)
+        if speech is None:
+            ok = await talk(connection, args.text, on_audio=on_audio)
+        else:
+            if not await send_speech(connection, speech, paced=not args.fast):
+                raise Failure(f"the server heard no words in {args.wav}, so there is "
+                              "nothing to answer")
+            request_id = await connection.send({"type": "response.create"})
+            ok = await stream_reply(connection, request_id, False, on_audio)
+    if args.save_audio is not None:
+        ok = save_audio(args.save_audio, bytes(reply_audio)) and ok
+    return 0 if ok else 1
 
 
 async def run_chat(args: argparse.Namespace) -> int:
+    if args.mic:
+        return await run_mic_chat(args)
     async with connect(args.url, args.timeout, args.verbose) as connection:
         await prepare(connection, args.directory, args.voice)
+        await configure(connection, speak=False)
         note(f"connected to {args.url}; {CHAT_HELP}")
-        lines = StdinLines()
-        interactive = sys.stdin.isatty()
-        while True:
-            if interactive:
-                print("> ", end="", flush=True)
-            line = await lines.readline()
-            if line is None or line.strip() == "/quit":
-                return 0
-            if line.strip():
-                await chat_line(connection, line.strip())
+        return await unless_ended(chat_lines(connection))
+
+
+async def chat_lines(connection: Connection) -> int:
+    lines = StdinLines()
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = await lines.readline()
+        if line is None or line.strip() == "/quit":
+            return 0
+        if line.strip():
+            await chat_line(connection, line.strip())
+
+
+async def run_mic_chat(args: argparse.Namespace) -> int:
+    sd = sound_devices()
+    async with connect(args.url, args.timeout, args.verbose) as connection:
+        await prepare(connection, args.directory, args.voice)
+        speaker = Speaker.open(sd)
+        try:
+            await configure(connection, speak=speaker is not None, audio_input=SERVER_TURNS)
+            mic = Microphone(sd)
+            try:
+                note(f"connected to {args.url}, listening; {MIC_HELP}")
+                return await unless_ended(first_of(
+                    until_quit(), converse(connection, speaker),
+                    stream_microphone(connection, mic)))
+            finally:
+                mic.close()
+        finally:
+            if speaker is not None:
+                speaker.close()
+
+
+async def unless_ended(chat: Coroutine[Any, Any, int]) -> int:
+    """The exit status of ``chat``; 0 if the server ends the session normally (code
+    1000: the character said goodbye)."""
+    try:
+        return await chat
+    except Closed as exc:
+        if exc.code != 1000:
+            raise
+        note("the server ended the session" + (f": {exc.reason}" if exc.reason else ""))
+        return 0
 
 
 async def chat_line(connection: Connection, line: str) -> None:
@@ -474,21 +963,24 @@ def positive_seconds(value: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.client",
-        description="Talk to a running Troupe server in text: list and load the session's "
-        "characters, send a message, chat. Audio is not supported yet: no WAV files in "
-        "or out, no microphone (the server's voice loop is not built). Start a server "
-        "with `make run`.",
+        description="Talk to a running Troupe server: list and load the session's "
+        "characters, send a message or a WAV file and print (and save) the reply, chat "
+        "in text or through the microphone. Speech needs a server with a speech-to-text "
+        "(its --stt) and a text-to-speech (its --tts). Start a server with `make run`.",
         epilog="Exit status: 0 success; 1 an error from the server, a reply that did not "
-        "complete, a timeout or no connection; 2 a bad command line. Examples: "
-        "`list`, `reload /srv/characters/pirates`, `say \"hello there\" --voice Bramble`, "
-        "`chat --voice Wren`.",
+        "complete, nothing heard, no reply audio to save, a timeout or no connection; 2 a "
+        "bad command line, an unreadable input file, or no PortAudio or microphone. "
+        "Examples: `list`, `reload /srv/characters/pirates`, "
+        "`say \"hello there\" --voice Bramble`, `say --wav in.wav --save-audio out.wav`, "
+        "`chat --voice Wren`, `chat --mic`.",
     )
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="the server's realtime WebSocket; it needs a ?model= parameter "
                         "(default: %(default)s)")
     parser.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT,
-                        help="seconds to wait for each answer from the server, and between "
-                        "two events of a streamed reply (default: %(default)g)")
+                        help="seconds to wait for each answer from the server, between "
+                        "two events of a streamed reply, and for the transcript once a "
+                        "file is sent (default: %(default)g)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print every event sent (>>) and received (<<) to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -497,11 +989,24 @@ def build_parser() -> argparse.ArgumentParser:
         "reload", help="load a directory of characters into a session and print the result")
     reload_parser.add_argument("directory", metavar="DIR",
                                help="absolute path under an allowed root, or 'default'")
-    say = commands.add_parser("say", help="send one text message and print the reply "
-                              "(text only; audio is not supported yet)")
-    say.add_argument("text", metavar="TEXT")
-    chat = commands.add_parser("chat", help="an interactive text chat on stdin "
-                               "(/list, /voice NAME, /reload DIR, /quit)")
+    say = commands.add_parser(
+        "say", help="send one text message, or speak a WAV file (--wav), and print the "
+        "reply (--save-audio: and save its audio)")
+    say.add_argument("text", metavar="TEXT", nargs="?",
+                     help="the message (leave it out with --wav)")
+    say.add_argument("--wav", metavar="FILE",
+                     help="speak this audio file instead (WAV or another format libsndfile "
+                     "reads; any rate and channels); what the server heard goes to stderr")
+    say.add_argument("--fast", action="store_true",
+                     help="with --wav: send the audio as fast as possible, not at real time")
+    say.add_argument("--save-audio", metavar="OUT.wav",
+                     help="write the spoken reply to OUT.wav (24 kHz mono pcm16); the "
+                     "server needs --tts")
+    chat = commands.add_parser("chat", help="an interactive chat: text on stdin "
+                               "(/list, /voice NAME, /reload DIR, /quit), or --mic")
+    chat.add_argument("--mic", action="store_true",
+                      help="speak through the microphone and hear the replies (needs "
+                      "PortAudio; the server needs --stt, and --tts for the voice)")
     for sub in (say, chat):
         sub.add_argument("--voice", metavar="NAME",
                          help="the character to talk to (name or voice path); default: the "
@@ -509,6 +1014,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--directory", metavar="DIR",
                          help="reload this directory into the session first")
     return parser
+
+
+def check_say(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command != "say":
+        return
+    if (args.text is None) == (args.wav is None):
+        parser.error("say needs either TEXT or --wav FILE (one of them)")
+    if args.fast and args.wav is None:
+        parser.error("--fast only applies to --wav")
 
 
 def check_url(parser: argparse.ArgumentParser, url: str) -> None:
@@ -531,8 +1045,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_url(parser, args.url)
+    check_say(parser, args)
     try:
         return asyncio.run(RUNNERS[args.command](args))
+    except CannotStart as exc:
+        report(exc)
+        return 2
     except Failure as exc:
         report(exc)
     except KeyboardInterrupt:
