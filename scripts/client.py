@@ -138,8 +138,11 @@ T = TypeVar("T")
 
 # GA names first; the beta names are accepted too, they carry the same fields.
 ITEM_ADDED = ("conversation.item.added", "conversation.item.created")
-TEXT_DELTA = ("response.output_text.delta", "response.text.delta")
-TEXT_DONE = ("response.output_text.done", "response.text.done")
+# A spoken reply's text comes as its audio transcript, as in OpenAI's API.
+TEXT_DELTA = ("response.output_text.delta", "response.text.delta",
+              "response.output_audio_transcript.delta", "response.audio_transcript.delta")
+TEXT_DONE = ("response.output_text.done", "response.text.done",
+             "response.output_audio_transcript.done", "response.audio_transcript.done")
 AUDIO_DELTA = ("response.output_audio.delta", "response.audio.delta")
 HEARD_DELTA = "conversation.item.input_audio_transcription.delta"
 HEARD_DONE = "conversation.item.input_audio_transcription.completed"

@@ -50,6 +50,8 @@ class Config:
     stt_api_key: str = "public_token"
     nudge_after: float = 7.0
     """Seconds of silence after a reply before the character speaks again; 0: never."""
+    audio_lead: float = 0.5
+    """Seconds of reply audio sent ahead of real time (what a barge-in leaves queued)."""
     log_level: str = "INFO"
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
@@ -89,6 +91,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--stt-api-key", "TROUPE_STT_API_KEY", str, "kyutai-api-key sent to the --stt server"),
     ("--nudge-after", "TROUPE_NUDGE_AFTER", float,
      "seconds of silence after a reply before the character speaks again (0: never)"),
+    ("--audio-lead", "TROUPE_AUDIO_LEAD", float,
+     "seconds of reply audio sent ahead of real time"),
 ]
 _SANDBOX_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--sandbox-pool-size", "TROUPE_SANDBOX_POOL_SIZE", int,

@@ -46,10 +46,19 @@ _UNMUTE_EVENTS = frozenset({
 })
 
 
+_UNMUTE_ONLY = frozenset({
+    "unmute.additional_outputs", "unmute.response.text.delta.ready",
+    "unmute.response.audio.delta.ready",
+})
+
+
 def accepts(dialect: Dialect, event_type: str) -> bool:
     """Whether a client of ``dialect`` may be sent an event of ``event_type``: Unmute's
-    client validates every event against a closed union and breaks on others."""
-    return dialect is not Dialect.UNMUTE or event_type in _UNMUTE_EVENTS
+    client validates every event against a closed union and breaks on others; its
+    bookkeeping extensions mean nothing to OpenAI's clients."""
+    if dialect is Dialect.UNMUTE:
+        return event_type in _UNMUTE_EVENTS
+    return event_type not in _UNMUTE_ONLY
 
 
 AUDIO_FORMATS = ("pcm16", "opus")

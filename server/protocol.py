@@ -361,12 +361,59 @@ class OutputAudioDone(AudioDone, tag="response.output_audio.done"):
     """GA name of ``response.audio.done``."""
 
 
+class AudioTranscriptDelta(ServerEvent, tag="response.audio_transcript.delta"):
+    """The OpenAI dialects' text of a spoken reply (instead of ``response.text.delta``)."""
+
+    response_id: str
+    item_id: str
+    delta: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class OutputAudioTranscriptDelta(AudioTranscriptDelta,
+                                 tag="response.output_audio_transcript.delta"):
+    """GA name of ``response.audio_transcript.delta``."""
+
+
+class AudioTranscriptDone(ServerEvent, tag="response.audio_transcript.done"):
+    response_id: str
+    item_id: str
+    transcript: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class OutputAudioTranscriptDone(AudioTranscriptDone, tag="response.output_audio_transcript.done"):
+    """GA name of ``response.audio_transcript.done``."""
+
+
+class TextDeltaReady(ServerEvent, tag="unmute.response.text.delta.ready"):
+    """Unmute's extension: text of the reply, as it is ready to be spoken."""
+
+    delta: str
+
+
+class AudioDeltaReady(ServerEvent, tag="unmute.response.audio.delta.ready"):
+    """Unmute's extension: how many samples the next ``response.audio.delta`` holds."""
+
+    number_of_samples: int
+
+
+class AdditionalOutputs(ServerEvent, tag="unmute.additional_outputs"):
+    """Unmute's extension: ``args`` holds the ``chat_history`` so far."""
+
+    args: dict[str, Any]
+
+
 _GA_NAMES: dict[type[ServerEvent], type[ServerEvent]] = {
     ItemCreated: ItemAdded,
     TextDelta: OutputTextDelta,
     TextDone: OutputTextDone,
     AudioDelta: OutputAudioDelta,
     AudioDone: OutputAudioDone,
+    AudioTranscriptDelta: OutputAudioTranscriptDelta,
+    AudioTranscriptDone: OutputAudioTranscriptDone,
 }
 _GA_CONTENT_TYPES = {"text": "output_text", "audio": "output_audio"}
 

@@ -5,8 +5,13 @@
     cancelled (response.cancel, a reload, another character): response.done (cancelled)
     the model's backend fails: error backend_unavailable, response.done (failed)
 
-With a TTS, the reply is also spoken: text goes to the TTS as the model writes it and
-``response.audio.delta`` (pcm16) events follow, then ``response.audio.done``.
+With a TTS, the reply is also spoken: text goes to the TTS as the model writes it,
+``response.audio.delta`` events follow in 80 ms frames (pcm16, or the session's Ogg
+Opus stream), paced at real time plus a small lead so that a barge-in leaves little
+queued at the client; the OpenAI dialects then get the text as
+``response.audio_transcript.*``, as OpenAI sends it for spoken replies. Unmute's
+dialect keeps ``response.text.*`` and gets ``unmute.response.text.delta.ready``,
+``unmute.response.audio.delta.ready`` and ``unmute.additional_outputs``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sandbox import CallFailed, Sandbox, SandboxError
@@ -24,29 +30,46 @@ from .errors import ServerSideError
 from .kyutai_tts import AudioChunk, pcm16_bytes
 from .llm import LLM, BackendUnavailable, respond
 from .opus import OpusEncoder, Samples
+from .speech import SAMPLE_RATE
 from .speech import TextToSpeech
+
+FRAME = 1920
+"""Samples a ``response.audio.delta`` holds at most (80 ms at 24 kHz)."""
 
 Send = Callable[[protocol.ServerEvent], Awaitable[None]]
 SendError = Callable[[ServerSideError], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class Speaking:
+    """How a reply is spoken: by ``tts`` with ``voice``, encoded by ``out``, sent at
+    most ``lead`` seconds ahead of real time (so a barge-in drops the rest)."""
+
+    tts: TextToSpeech
+    voice: str | None
+    out: AudioOut
+    lead: float = 0.5
+
+
 async def run_reply(
     *, send: Send, send_error: SendError, llm: LLM, sandbox: Sandbox, character: str,
     system_prompt: str, conversation: Conversation, temperature: float,
-    tts: TextToSpeech | None = None, voice: str | None = None,
-    audio_out: AudioOut | None = None,
+    speaking: Speaking | None = None, unmute: bool = False,
 ) -> str | None:
     """Stream one reply of ``character``; always ends with ``response.done``. With
-    ``tts``, the text is spoken as it streams and the audio sent as pcm16. Returns
-    the text of a completed reply, ``None`` for a failed one."""
+    ``speaking``, the text is spoken as it streams. ``unmute``: Unmute's events (text
+    always as ``response.text.delta``, its ``unmute.*`` bookkeeping); otherwise a
+    spoken reply's text is its audio transcript, as in OpenAI's API. Returns the text
+    of a completed reply, ``None`` for one that failed."""
     response_id, item_id = protocol.new_id("resp"), protocol.new_id("item")
     await send(protocol.ResponseCreated(
         response=protocol.ResponseInfo(id=response_id, status="in_progress", voice=character)))
     status, text = "failed", ""
     messages: list[dict[str, Any]] = []
     first_new = 0
-    speech = (_Speech(tts, voice, send, response_id, item_id, audio_out or Pcm16Out())
-              if tts is not None else None)
+    transcript = speaking is not None and not unmute
+    speech = (_Speech(speaking, send, response_id, item_id, unmute)
+              if speaking is not None else None)
     try:
         tools = await sandbox.tools(character)
 
@@ -65,13 +88,26 @@ async def run_reply(
                 text += delta
                 if speech is not None:
                     speech.say(delta)
-                await send(protocol.TextDelta(response_id=response_id, item_id=item_id,
-                                              delta=delta))
+                if unmute:
+                    await send(protocol.TextDeltaReady(delta=delta))
+                await send(
+                    protocol.AudioTranscriptDelta(response_id=response_id, item_id=item_id,
+                                                  delta=delta) if transcript
+                    else protocol.TextDelta(response_id=response_id, item_id=item_id,
+                                            delta=delta))
         finally:
             conversation.record(messages)
-        await send(protocol.TextDone(response_id=response_id, item_id=item_id, text=text))
         if speech is not None:
             await speech.finish()
+        if unmute:
+            await send(protocol.AdditionalOutputs(
+                args={"chat_history": conversation.messages_for(system_prompt)}))
+        await send(
+            protocol.AudioTranscriptDone(response_id=response_id, item_id=item_id,
+                                         transcript=text) if transcript
+            else protocol.TextDone(response_id=response_id, item_id=item_id, text=text))
+        if speech is not None:
+            await speech.done()
         status = "completed"
     except asyncio.CancelledError:
         status = "cancelled"
@@ -89,8 +125,10 @@ async def run_reply(
     finally:
         if speech is not None:
             await speech.stop()
+        part = {"type": "audio", "transcript": text} if transcript \
+            else {"type": "text", "text": text}
         output = [protocol.MessageItem(
-            id=item_id, role="assistant", content=[{"type": "text", "text": text}],
+            id=item_id, role="assistant", content=[part],
             status="completed" if status == "completed" else "incomplete",
         )]
         await asyncio.shield(send(protocol.ResponseDone(response=protocol.ResponseInfo(
@@ -139,16 +177,18 @@ class OpusOut:
 
 
 class _Speech:
-    """Text in as the model writes it, audio events out as the TTS speaks."""
+    """Text in as the model writes it, audio events out as the TTS speaks, paced at
+    real time plus ``lead`` in frames of ``FRAME`` samples."""
 
-    def __init__(self, tts: TextToSpeech, voice: str | None, send: Send,
-                 response_id: str, item_id: str, audio_out: AudioOut) -> None:
+    def __init__(self, speaking: Speaking, send: Send, response_id: str, item_id: str,
+                 unmute: bool) -> None:
         self._text: asyncio.Queue[str | None] = asyncio.Queue()
         self._send = send
-        self._out = audio_out
+        self._speaking = speaking
+        self._unmute = unmute
         self._response_id, self._item_id = response_id, item_id
         self._finished = False
-        self._task = asyncio.create_task(self._speak(tts, voice))
+        self._task = asyncio.create_task(self._speak())
 
     def say(self, text: str) -> None:
         self._text.put_nowait(text)
@@ -157,8 +197,10 @@ class _Speech:
         """Wait until everything said so far has been spoken and sent."""
         self._text.put_nowait(None)
         await self._task
-        await self._deliver(self._out.finish())
+        await self._deliver(self._speaking.out.finish(), 0)
         self._finished = True
+
+    async def done(self) -> None:
         await self._send(protocol.AudioDone(response_id=self._response_id,
                                             item_id=self._item_id))
 
@@ -166,18 +208,33 @@ class _Speech:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         if not self._finished:
-            self._out.cancel()
+            self._speaking.out.cancel()
 
-    async def _speak(self, tts: TextToSpeech, voice: str | None) -> None:
-        async for event in tts.speak(self._chunks(), voice):
-            if isinstance(event, AudioChunk):
-                await self._deliver(self._out.encode(event.pcm))
+    async def _speak(self) -> None:
+        loop = asyncio.get_running_loop()
+        started, sent = 0.0, 0.0
+        speaking = self._speaking
+        async for event in speaking.tts.speak(self._chunks(), speaking.voice):
+            if not isinstance(event, AudioChunk):
+                continue
+            for start in range(0, len(event.pcm), FRAME):
+                frame = event.pcm[start:start + FRAME]
+                if not sent:
+                    started = loop.time()
+                ahead = sent - (loop.time() - started)
+                if ahead > speaking.lead:
+                    await asyncio.sleep(ahead - speaking.lead)
+                await self._deliver(speaking.out.encode(frame), len(frame))
+                sent += len(frame) / SAMPLE_RATE
 
-    async def _deliver(self, payload: bytes) -> None:
-        if payload:
-            await self._send(protocol.AudioDelta(
-                response_id=self._response_id, item_id=self._item_id,
-                delta=base64.b64encode(payload).decode("ascii")))
+    async def _deliver(self, payload: bytes, samples: int) -> None:
+        if not payload:
+            return
+        if self._unmute:
+            await self._send(protocol.AudioDeltaReady(number_of_samples=samples))
+        await self._send(protocol.AudioDelta(
+            response_id=self._response_id, item_id=self._item_id,
+            delta=base64.b64encode(payload).decode("ascii")))
 
     async def _chunks(self) -> AsyncGenerator[str, None]:
         while (text := await self._text.get()) is not None:

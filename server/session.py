@@ -63,6 +63,8 @@ class Session:
         self.stt = stt
         self._listening: Listening | None = None
         self._opus_out: replies.OpusOut | None = None
+        self._refused_audio = False
+        self._greeted = False
         self.conversation = Conversation()
         self._reply: asyncio.Task[None] | None = None
         self.started = time.monotonic()
@@ -190,8 +192,10 @@ class Session:
             case protocol.AudioAppend(audio=audio):
                 await self._append_audio(audio)
             case protocol.AudioCommit():
+                self._refused_audio = False
                 await self._commit_audio()
             case protocol.AudioClear():
+                self._refused_audio = False
                 await self._stop_listening()
                 await self.send(protocol.AudioCleared())
 
@@ -229,7 +233,10 @@ class Session:
                     "pick one from session.characters.list",
                     param="session.voice",
                 )
+        detecting = self.settings.turn_detection is not None
         self.settings.apply(fields)
+        if (self.settings.turn_detection is not None) != detecting:
+            await self._stop_listening()  # the next audio opens a stream in the new mode
         if character is not None and character.name != self.settings.voice:
             await self._end_conversation()
             assert self.characters.sandbox is not None
@@ -239,6 +246,10 @@ class Session:
             self.settings.voice = character.name
         rendered = dialects.render(self.dialect, self.settings)
         await self.send(protocol.SessionUpdated(session=rendered))
+        if self.dialect is Dialect.UNMUTE and not self._greeted:
+            # Unmute's character speaks first, once it knows who it is.
+            self._greeted = True
+            await self._start_reply()
 
     async def _add_item(self, item: protocol.Item) -> None:
         try:
@@ -253,10 +264,15 @@ class Session:
 
     async def _append_audio(self, audio: str) -> None:
         if self.stt is None:
+            # Said once per buffer, not for each of a microphone's 12 appends a second.
+            if self._refused_audio:
+                return
+            self._refused_audio = True
             raise ServerSideError(
                 "backend_unavailable",
                 "no speech-to-text is configured; start the server with --stt, "
-                "or send text with conversation.item.create",
+                "or send text with conversation.item.create (further audio is dropped "
+                "until input_audio_buffer.commit or clear)",
             )
         if (self._listening is not None
                 and self._listening.audio_format != self.settings.input_audio_format):
@@ -362,16 +378,17 @@ class Session:
         if self.system_prompt is None or self.settings.voice != character:
             self.system_prompt = await self._sandbox_call(sandbox.system_prompt(character))
             self.settings.voice = character
-        speaks = self.tts is not None and "audio" in self.settings.modalities
-        info = self.characters.find(character)
-        source = info.voice_source if info is not None else {}
+        speaking = None
+        if self.tts is not None and "audio" in self.settings.modalities:
+            info = self.characters.find(character)
+            source = info.voice_source if info is not None else {}
+            speaking = replies.Speaking(self.tts, self.tts.voice_for(source),
+                                        self._audio_out(), self.config.audio_lead)
         self._reply = asyncio.create_task(self._reply_and_part(
             send=self.send, send_error=self.send_error, llm=self.llm, sandbox=sandbox,
             character=character, system_prompt=self.system_prompt,
             conversation=self.conversation, temperature=self.settings.temperature,
-            tts=self.tts if speaks else None,
-            voice=self.tts.voice_for(source) if self.tts is not None else None,
-            audio_out=self._audio_out(),
+            speaking=speaking, unmute=self.dialect is Dialect.UNMUTE,
         ), name=f"{self.id}-reply")
         self._reply.add_done_callback(self._reply_ended)
 

@@ -47,7 +47,9 @@ async def turn(session: Realtime, words: str) -> list[dict[str, Any]]:
 
 
 def reply_text(events: list[dict[str, Any]]) -> str:
-    return "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    """The reply's text: written, or the transcript of a spoken reply."""
+    return "".join(e["delta"] for e in events if e["type"] in (
+        "response.output_text.delta", "response.output_audio_transcript.delta"))
 
 
 def counter_character() -> str:
@@ -179,9 +181,15 @@ async def test_unmute_clients_get_only_events_they_accept(connect: Connect) -> N
         events.append(await session.receive())
     listed = await session.request({"type": "session.characters.list"})
 
-    assert events[0]["type"] == "response.created"
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "response.created"
     assert events[0]["response"]["voice"]
-    assert {e["type"] for e in events[1:-1]} == {"response.text.delta"}
+    assert set(kinds[1:-2]) == {"unmute.response.text.delta.ready", "response.text.delta"}
+    assert kinds[-2] == "unmute.additional_outputs"
+    history = events[-2]["args"]["chat_history"]
+    assert [m["role"] for m in history] == ["system", "user", "assistant"]
+    assert history[1]["content"] == "hello"
+    assert history[2]["content"] == events[-1]["text"]
     assert listed["type"] == "session.characters.listed"
 
 

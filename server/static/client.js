@@ -111,6 +111,7 @@ function handle(event) {
       lineFor(event.response.id, "character", event.response.voice);
       break;
     case "response.output_text.delta":
+    case "response.output_audio_transcript.delta": // a spoken reply's text
       lineFor(event.response_id, "character", "…").textContent += event.delta;
       break;
     case "response.output_audio.delta":
