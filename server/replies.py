@@ -30,8 +30,7 @@ from .errors import ServerSideError
 from .kyutai_tts import AudioChunk, pcm16_bytes
 from .llm import LLM, BackendUnavailable, respond
 from .opus import OpusEncoder, Samples
-from .speech import SAMPLE_RATE
-from .speech import TextToSpeech
+from .speech import SAMPLE_RATE, TextToSpeech
 
 FRAME = 1920
 """Samples a ``response.audio.delta`` holds at most (80 ms at 24 kHz)."""

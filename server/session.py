@@ -285,6 +285,8 @@ class Session:
             ) if self.settings.turn_detection is not None else None
             self._listening = await Listening.open(self.stt, self.send, turns, self._on_turn,
                                                    self.settings.input_audio_format)
+            if turns is not None and self._reply is not None and not self._reply.done():
+                turns.reply_started()
         await self._listening.append(audio)
 
     async def _on_turn(self, action: Action, at: float) -> None:
@@ -314,6 +316,7 @@ class Session:
                 item_id, transcript = listening.take()
                 if transcript:
                     await self._commit_utterance(item_id, transcript)
+                    await self._cancel_reply()  # the person's new turn comes first
                     await self._start_reply_or_listen(listening)
                 elif listening.turns is not None:  # a noise, not words: nothing to answer
                     listening.turns.reply_ended()
@@ -391,6 +394,8 @@ class Session:
             speaking=speaking, unmute=self.dialect is Dialect.UNMUTE,
         ), name=f"{self.id}-reply")
         self._reply.add_done_callback(self._reply_ended)
+        if self._listening is not None and self._listening.turns is not None:
+            self._listening.turns.reply_started()
 
     async def _reply_and_part(self, **reply: Any) -> None:
         """One reply; a character that ends it with ``Bye!`` closes the session, as

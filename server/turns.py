@@ -9,7 +9,7 @@ decisions, and the tests feed it numbers.
     LISTENING ──word, or speech held SPEECH_HOLD*──▶ HEARING  (SPEECH_STARTED)
     HEARING ──pause > END_OF_TURN held pause_hold──▶ REPLYING (END_TURN)
     REPLYING ──word, or speech held INTERRUPT_HOLD*──▶ HEARING (INTERRUPT: barge-in)
-    REPLYING ──reply_ended()──▶ LISTENING
+    REPLYING ──reply_ended()──▶ LISTENING ──reply_started()──▶ REPLYING
     LISTENING ──silence for nudge_after──▶ REPLYING (NUDGE: the character speaks)
 
     * only with ``speech_starts_turn`` (a voice activity detector); Kyutai's STT
@@ -96,6 +96,12 @@ class TurnTaking:
                     self._nudges += 1
                     return Action.NUDGE
         return None
+
+    def reply_started(self) -> None:
+        """The character started speaking on its own account (a text turn, a
+        greeting): speech from now on is a barge-in."""
+        if self.state is State.LISTENING:
+            self.state = State.REPLYING
 
     def reply_ended(self) -> None:
         """The character finished (or was cancelled without a barge-in): the silence

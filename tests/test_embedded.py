@@ -1,0 +1,121 @@
+"""The embedded offline backends, end to end: nothing else running.
+
+Speech synthesized by the embedded TTS (piper) is streamed in as a client would,
+heard by the embedded STT (Silero VAD + pocketsphinx), answered by the embedded
+language model (SmolLM2 in llama.cpp) and spoken back. These tests load real models
+(a few seconds each server), so they share them through one module-scoped server.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import SCALE, Realtime
+
+from server.app import create_app
+from server.config import Config
+from server.embedded_tts import EmbeddedTTS
+from server.kyutai_tts import pcm16_bytes
+
+pytestmark = pytest.mark.timeout(300)
+
+SILENCE = np.zeros(24_000, np.float32)
+
+
+@pytest.fixture(scope="module")
+def speech() -> dict[str, np.ndarray]:
+    tts = EmbeddedTTS()
+    return {text: tts.synthesize_all(text) for text in
+            ("What is your name?", "Tell me a story about the sea please.")}
+
+
+@pytest.fixture
+async def embedded(config: Config) -> AsyncIterator[TestClient]:
+    app = create_app(replace(config, stt="embedded", tts="embedded", llm="embedded"))
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def open_session(client: TestClient) -> Realtime:
+    ws = await client.ws_connect("/v1/realtime?model=troupe", protocols=("realtime",))
+    session = Realtime(ws)
+    assert (await session.receive())["type"] == "session.created"
+    return session
+
+
+async def stream(session: Realtime, audio: np.ndarray) -> None:
+    """As a client: 80 ms appends of pcm16, as fast as the socket takes them."""
+    data = pcm16_bytes(audio)
+    for start in range(0, len(data), 3840):
+        await session.send({"type": "input_audio_buffer.append",
+                            "audio": base64.b64encode(data[start:start + 3840]).decode()})
+
+
+async def until(session: Realtime, kind: str, within: float = 120.0) -> list[dict[str, Any]]:
+    events = []
+    while True:
+        event = await session.receive(within)
+        events.append(event)
+        assert event["type"] != "error", event
+        if event["type"] == kind:
+            return events
+
+
+async def test_health_says_every_backend_is_embedded(embedded: TestClient) -> None:
+    response = await embedded.get("/v1/health")
+    body = await response.json()
+
+    assert body["stt_up"] and body["tts_up"] and body["llm_up"]
+    assert all(status.startswith("embedded:") for status in body["backends"].values())
+
+
+async def test_spoken_question_is_heard_and_answered_with_speech(
+    embedded: TestClient, speech: dict[str, np.ndarray],
+) -> None:
+    session = await open_session(embedded)
+
+    await stream(session, np.concatenate([SILENCE, speech["What is your name?"], SILENCE]))
+    heard = await until(session, "conversation.item.input_audio_transcription.completed")
+    reply = await until(session, "response.done", within=120.0 * SCALE)
+
+    kinds = [e["type"] for e in heard]
+    assert "input_audio_buffer.speech_started" in kinds
+    assert "input_audio_buffer.speech_stopped" in kinds
+    transcript = heard[-1]["transcript"]
+    assert "name" in transcript.split(), transcript
+    assert reply[-1]["response"]["status"] == "completed"
+    text = "".join(e["delta"] for e in reply
+                   if e["type"] == "response.output_audio_transcript.delta")
+    audio = b"".join(base64.b64decode(e["delta"]) for e in reply
+                     if e["type"] == "response.output_audio.delta")
+    assert text.strip()
+    seconds = len(audio) / 2 / 24_000
+    assert seconds > 0.5, f"{seconds:.2f} s of audio for {text!r}"
+    samples = np.frombuffer(audio, "<i2").astype(np.float32) / 32768
+    assert float(np.sqrt(np.mean(samples ** 2))) > 0.01  # speech, not silence
+
+
+async def test_speaking_over_the_reply_interrupts_it(
+    embedded: TestClient, speech: dict[str, np.ndarray],
+) -> None:
+    session = await open_session(embedded)
+    await session.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": "Tell me a long story about the sea."}]}})
+    await session.send({"type": "response.create"})
+    await until(session, "response.output_audio.delta")
+
+    await stream(session, np.concatenate([speech["Tell me a story about the sea please."],
+                                          SILENCE]))
+    events = await until(session, "unmute.interrupted_by_vad")
+
+    kinds = [e["type"] for e in events]
+    assert "input_audio_buffer.speech_started" in kinds
+    done = [e for e in events if e["type"] == "response.done"]
+    assert [e["response"]["status"] for e in done] == ["cancelled"]
