@@ -13,6 +13,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sandbox import Observer
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.45, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 
 CHARACTER_RELOAD_DURATION = Histogram(
     "character_reload_duration_seconds",
@@ -45,6 +46,18 @@ SANDBOX_CRASHES = Counter("sandbox_crashes", "Sandbox children that died during 
 SANDBOX_TIMEOUTS = Counter("sandbox_timeouts", "Sandbox calls or files that missed a deadline.")
 SANDBOX_RPC_DURATION = Histogram(
     "sandbox_rpc_duration_seconds", "Sandbox requests, by method.", ["method"], buckets=_FAST
+)
+LLM_FIRST_TOKEN = Histogram(
+    "llm_time_to_first_token_seconds",
+    "From asking the language model for a reply to its first text.", buckets=_LATENCY,
+)
+TTS_FIRST_AUDIO = Histogram(
+    "tts_time_to_first_audio_seconds",
+    "From the first text given to the text-to-speech to its first audio.", buckets=_LATENCY,
+)
+REPLY_FIRST_AUDIO = Histogram(
+    "reply_time_to_first_audio_seconds",
+    "From the start of a reply to its first audio sent to the client.", buckets=_LATENCY,
 )
 WEBSOCKET_EVENTS = Counter(
     "websocket_events", "WebSocket events by type and direction.", ["type", "direction"]

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sandbox import CallFailed, Sandbox, SandboxError
 
-from . import protocol
+from . import metrics, protocol
 from .conversation import Conversation
 from .errors import ServerSideError
 from .kyutai_tts import AudioChunk, pcm16_bytes
@@ -67,7 +68,8 @@ async def run_reply(
     messages: list[dict[str, Any]] = []
     first_new = 0
     transcript = speaking is not None and not unmute
-    speech = (_Speech(speaking, send, response_id, item_id, unmute)
+    started = time.perf_counter()
+    speech = (_Speech(speaking, send, response_id, item_id, unmute, started)
               if speaking is not None else None)
     try:
         tools = await sandbox.tools(character)
@@ -84,6 +86,8 @@ async def run_reply(
         first_new = len(messages)
         try:
             async for delta in respond(llm, messages, tools, call_tool, temperature):
+                if not text:
+                    metrics.LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
                 text += delta
                 if speech is not None:
                     speech.say(delta)
@@ -180,8 +184,10 @@ class _Speech:
     real time plus ``lead`` in frames of ``FRAME`` samples."""
 
     def __init__(self, speaking: Speaking, send: Send, response_id: str, item_id: str,
-                 unmute: bool) -> None:
+                 unmute: bool, started: float) -> None:
         self._text: asyncio.Queue[str | None] = asyncio.Queue()
+        self._started = started
+        self._first_text: float | None = None
         self._send = send
         self._speaking = speaking
         self._unmute = unmute
@@ -190,6 +196,8 @@ class _Speech:
         self._task = asyncio.create_task(self._speak())
 
     def say(self, text: str) -> None:
+        if self._first_text is None:
+            self._first_text = time.perf_counter()
         self._text.put_nowait(text)
 
     async def finish(self) -> None:
@@ -220,6 +228,9 @@ class _Speech:
                 frame = event.pcm[start:start + FRAME]
                 if not sent:
                     started = loop.time()
+                    now = time.perf_counter()
+                    metrics.REPLY_FIRST_AUDIO.observe(now - self._started)
+                    metrics.TTS_FIRST_AUDIO.observe(now - (self._first_text or now))
                 ahead = sent - (loop.time() - started)
                 if ahead > speaking.lead:
                     await asyncio.sleep(ahead - speaking.lead)

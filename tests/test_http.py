@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import SCALE, Connect, MakeServer, character_source, write_directory
+from conftest import SCALE, Connect, MakeServer, character_source, free_port, write_directory
+from fake_kyutai_stt import FakeKyutaiSTT, fake_kyutai_stt_fixture  # noqa: F401
 
 from server.config import Config, parse
 
@@ -56,6 +57,30 @@ async def test_health_has_the_keys_unmute_clients_read(server: TestClient) -> No
     assert health["ok"] is True
     for key in ("stt_up", "llm_up", "tts_up", "voice_cloning_up"):
         assert isinstance(health[key], bool), key
+
+
+async def test_health_asks_the_speech_servers_whether_they_answer(
+    fake_kyutai_stt: FakeKyutaiSTT, make_server: MakeServer,
+) -> None:
+    dead = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
+    server = await make_server(stt=fake_kyutai_stt.url, tts=dead)
+
+    status, health = await get_json(server, "/v1/health")
+
+    assert status == 200  # the sandbox is fine; speech is reported, not fatal
+    assert health["stt_up"] is True
+    assert health["backends"]["stt"].startswith("live: ")
+    assert health["tts_up"] is False
+    assert health["backends"]["tts"].startswith("down: ")
+    assert "build_info" in health["backends"]["tts"]
+
+
+async def test_health_names_a_missing_backend_and_the_option_to_set(server: TestClient) -> None:
+    _, health = await get_json(server, "/v1/health")
+
+    assert health["stt_up"] is False
+    assert health["backends"]["stt"] == "missing: start the server with --stt"
+    assert health["backends"]["llm"] == "builtin"
 
 
 async def test_voices_lists_only_good_characters_in_unmutes_shape(
@@ -245,3 +270,12 @@ def test_the_command_line_wins_over_the_environment() -> None:
 
     assert config.port == 9100
     assert config.allowed_roots == (Path("/c"),)
+
+
+def test_backends_default_to_the_embedded_models_and_none_turns_them_off() -> None:
+    assert parse([], {}).stt == parse([], {}).tts == parse([], {}).llm == "embedded"
+
+    config = parse(["--stt", "none", "--llm", "http://127.0.0.1:11434/v1"], {"TROUPE_TTS": "off"})
+
+    assert config.stt is None and config.tts is None
+    assert config.llm == "http://127.0.0.1:11434/v1"

@@ -5,6 +5,7 @@ spoken through the TTS when one is configured."""
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,11 @@ async def test_replies_are_spoken_through_the_tts(
     assert fake_kyutai_tts.connections[-1].texts == ["Fair", "winds", "ahead."]
     assert fake_kyutai_tts.connections[-1].query["voice"] == "voices/ada.wav"
     assert reply_text(events) == "Fair winds ahead."
+    exposed = await (await server.get("/metrics")).text()
+    for histogram in ("llm_time_to_first_token_seconds", "tts_time_to_first_audio_seconds",
+                      "reply_time_to_first_audio_seconds"):
+        count = re.search(rf"^{histogram}_count (\S+)$", exposed, re.M)
+        assert count is not None and float(count.group(1)) >= 1, histogram
 
 
 async def test_push_to_talk_speech_becomes_the_users_message(
