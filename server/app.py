@@ -140,10 +140,10 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
     finally:
         del sessions[session.id]
-        await session.close()
         metrics.SESSIONS_ACTIVE.dec()
         metrics.SESSION_DURATION.observe(session.age)
         log.info("%s: closed after %.1f s", session.id, session.age)
+        await session.close()
     return ws
 
 

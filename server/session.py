@@ -31,7 +31,7 @@ from .config import Config
 from .conversation import Conversation
 from .dialects import Dialect, SessionSettings
 from .errors import ServerSideError, TroupeError
-from .listening import Listening
+from .listening import Listening, Utterance
 from .llm import LLM
 from .speech import SpeechToText, TextToSpeech
 from .turns import Action, TurnTaking
@@ -91,8 +91,10 @@ class Session:
             await self._stop_listening()
 
     async def close(self) -> None:
-        await self.characters.close()
-        metrics.forget_session(self.id)
+        try:
+            await self.characters.close()
+        finally:  # even when the server's shutdown cancels us: no series left behind
+            metrics.forget_session(self.id)
 
     async def send(self, event: protocol.ServerEvent) -> None:
         if self.dialect is Dialect.GA:
@@ -290,14 +292,25 @@ class Session:
         await self._listening.append(audio)
 
     async def _on_turn(self, action: Action, at: float) -> None:
-        """From the STT reader. The start of speech is told at once (before the first
-        word's transcription); ending a turn and barge-in change the conversation, so
-        they are handled in order with the client's events."""
-        if action is Action.SPEECH_STARTED and self._listening is not None:
-            await self.send(protocol.SpeechStarted(item_id=self._listening.item_id,
-                                                   audio_start_ms=int(at * 1000)))
-        else:
-            await self._jobs.put(_Turn(action, at))
+        """From the STT reader, before the words that caused it are sent on. The start
+        of speech and a barge-in are acted on at once: the reply stops now, and the
+        interrupting words follow ``speech_started`` (they belong to the person's
+        turn, not to the reply). Ending a turn and a nudge change the conversation,
+        so they wait their turn behind the client's events."""
+        listening = self._listening
+        if listening is None:
+            return
+        match action:
+            case Action.SPEECH_STARTED:
+                await self.send(protocol.SpeechStarted(item_id=listening.item_id,
+                                                       audio_start_ms=int(at * 1000)))
+            case Action.INTERRUPT:
+                await self._cancel_reply()
+                await self.send(protocol.SpeechStarted(item_id=listening.item_id,
+                                                       audio_start_ms=int(at * 1000)))
+                await self.send(protocol.InterruptedByVad())
+            case _:
+                await self._jobs.put(_Turn(action, at))
 
     async def _turn(self, turn: _Turn) -> None:
         listening = self._listening
@@ -305,17 +318,12 @@ class Session:
             return  # the buffer was cleared meanwhile
         at_ms = int(turn.at * 1000)
         match turn.action:
-            case Action.INTERRUPT:
-                await self._cancel_reply()
-                await self.send(protocol.SpeechStarted(item_id=listening.item_id,
-                                                       audio_start_ms=at_ms))
-                await self.send(protocol.InterruptedByVad())
             case Action.END_TURN:
                 await self.send(protocol.SpeechStopped(item_id=listening.item_id,
                                                        audio_end_ms=at_ms))
-                item_id, transcript = listening.take()
-                if transcript:
-                    await self._commit_utterance(item_id, transcript)
+                utterance = listening.take()
+                if utterance.transcript:
+                    await self._commit_utterance(utterance)
                     await self._cancel_reply()  # the person's new turn comes first
                     await self._start_reply_or_listen(listening)
                 elif listening.turns is not None:  # a noise, not words: nothing to answer
@@ -342,20 +350,23 @@ class Session:
         if listening.turns is None:  # push-to-talk: one stream per utterance
             self._listening = None
             try:
-                item_id, transcript = await listening.commit()
+                utterance = await listening.commit()
             finally:
                 await listening.close()
         else:
-            item_id, transcript = await listening.commit()
-        await self._commit_utterance(item_id, transcript)
+            utterance = await listening.commit()
+        await self._commit_utterance(utterance)
 
-    async def _commit_utterance(self, item_id: str, transcript: str) -> None:
+    async def _commit_utterance(self, utterance: Utterance) -> None:
+        item_id, transcript = utterance.item_id, utterance.transcript
         await self.send(protocol.AudioCommitted(item_id=item_id))
         await self.send(protocol.ItemCreated(previous_item_id=None, item=protocol.MessageItem(
             id=item_id, role="user",
             content=[{"type": "input_audio", "transcript": transcript}],
         )))
-        await self.send(protocol.TranscriptionCompleted(item_id=item_id, transcript=transcript))
+        await self.send(protocol.TranscriptionCompleted(
+            item_id=item_id, transcript=transcript,
+            usage={"type": "duration", "seconds": utterance.seconds}))
         if transcript:
             self.conversation.add_user_text(transcript)
 

