@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient
 from conftest import SCALE, Connect, MakeServer, character_source, write_directory
 
@@ -157,3 +158,36 @@ async def test_server_shutdown_closes_sessions_with_going_away(
 
         assert closing.type is aiohttp.WSMsgType.CLOSE
         assert closing.data == aiohttp.WSCloseCode.GOING_AWAY
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The embedded models' worker processes of ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and any(arg.endswith(b"_worker") for arg in cmdline):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(300)
+async def test_model_workers_end_when_the_server_is_killed(
+    server_process: Callable[..., Awaitable[str]]
+) -> None:
+    url = await server_process(env={"TROUPE_STT": "embedded", "TROUPE_LLM": "embedded"})
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/health") as response:
+        health = await response.json()
+    workers = worker_pids(health["pid"])
+    assert health["stt_up"] and health["llm_up"], health
+    assert len(workers) >= 2, workers  # speech-to-text (one per core) and the model
+
+    os.kill(health["pid"], signal.SIGKILL)
+
+    assert await eventually(lambda: not any(pid_alive(pid) for pid in workers))
