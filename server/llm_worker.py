@@ -30,11 +30,14 @@ from .workers import frame, protocol_stdout, read
 
 MAX_TOKENS = 40
 """Tokens after which the reply ends at the next sentence end."""
-HARD_LIMIT = 80
+CLAUSE_LIMIT = 55
+"""Tokens after which it also ends at a comma, colon or semicolon (made a full stop)."""
+HARD_LIMIT = 70
 """Tokens after which the reply ends wherever it is."""
 REPEAT_PENALTY = 1.2
 CONTEXT = 2048
 _SENTENCE_END = re.compile(r"[.!?…][\"')\]]*(?:\s|$)")
+_CLAUSE_END = re.compile(r"[,;:]")
 
 
 class Generate(msgspec.Struct, tag=True):
@@ -130,6 +133,11 @@ class _Worker:
             if tokens > MAX_TOKENS and (end := _SENTENCE_END.search(text + delta, len(text))):
                 if last := (text + delta)[len(text):end.end()].rstrip():
                     self.send(Token(request.id, last))
+                return
+            if tokens > CLAUSE_LIMIT and (clause := _CLAUSE_END.search(delta)):
+                if last := delta[:clause.start()].rstrip():
+                    self.send(Token(request.id, last))
+                self.send(Token(request.id, "."))
                 return
             text += delta
             self.send(Token(request.id, delta))
