@@ -29,9 +29,10 @@ class Conversation:
         """A new list: the system prompt, then the history (callers may append)."""
         return [{"role": "system", "content": system_prompt}, *self.messages]
 
-    def record(self, sent: list[Message]) -> None:
-        """Keep what a reply appended to a list made by ``messages_for``."""
-        self.messages.extend(sent[len(self.messages) + 1:])
+    def record(self, new: list[Message]) -> None:
+        """Keep the messages a reply added (its tool rounds and its answer), in order,
+        whatever was added to the history meanwhile."""
+        self.messages.extend(new)
         self._trim()
 
     def clear(self) -> None:

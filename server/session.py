@@ -17,7 +17,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,13 +32,16 @@ from .conversation import Conversation
 from .dialects import Dialect, SessionSettings
 from .errors import ServerSideError, TroupeError
 from .listening import Listening, Utterance
-from .llm import LLM
+from .llm import LLM, BackendUnavailable
+from .opus import OpusDecoder
 from .speech import SpeechToText, TextToSpeech
-from .turns import Action, TurnTaking
+from .turns import Action, State, TurnTaking
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+STT_RETRY = 2.0
+"""Seconds after a speech-to-text failure before a new stream is tried."""
 SILENCE_MARKER = "..."
 """The person's turn when they stayed silent (Unmute's marker): the character goes on."""
 GOODBYE = "Bye!"
@@ -64,7 +67,10 @@ class Session:
         self._listening: Listening | None = None
         self._opus_out: replies.OpusOut | None = None
         self._refused_audio = False
+        self._stt_retry_at = 0.0
+        self._opus_in: OpusDecoder | None = None
         self._greeted = False
+        self._parting: asyncio.Task[None] | None = None
         self.conversation = Conversation()
         self._reply: asyncio.Task[None] | None = None
         self.started = time.monotonic()
@@ -276,20 +282,38 @@ class Session:
                 "or send text with conversation.item.create (further audio is dropped "
                 "until input_audio_buffer.commit or clear)",
             )
-        if (self._listening is not None
-                and self._listening.audio_format != self.settings.input_audio_format):
+        if time.monotonic() < self._stt_retry_at:
+            return  # the failure was reported; audio is dropped until the retry
+        opus = self._opus_decoder()
+        if self._listening is not None and self._listening.audio_format != (
+                "opus" if opus is not None else "pcm16"):
             await self._stop_listening()  # the format changed: a new stream
-        if self._listening is None:
-            turns = TurnTaking(
-                pause_hold=self.stt.pause_hold,
-                speech_starts_turn=self.stt.speech_starts_turn,
-                nudge_after=self.config.nudge_after or None,
-            ) if self.settings.turn_detection is not None else None
-            self._listening = await Listening.open(self.stt, self.send, turns, self._on_turn,
-                                                   self.settings.input_audio_format)
-            if turns is not None and self._reply is not None and not self._reply.done():
-                turns.reply_started()
-        await self._listening.append(audio)
+        try:
+            if self._listening is None:
+                turns = TurnTaking(
+                    pause_hold=self.stt.pause_hold,
+                    speech_starts_turn=self.stt.speech_starts_turn,
+                    nudge_after=self.config.nudge_after or None,
+                ) if self.settings.turn_detection is not None else None
+                self._listening = await Listening.open(self.stt, self.send, turns,
+                                                       self._on_turn, opus)
+                if turns is not None and self._reply is not None and not self._reply.done():
+                    turns.reply_started()
+            await self._listening.append(audio)
+        except BackendUnavailable as exc:
+            # Said once; the next audio after STT_RETRY seconds opens a new stream.
+            await self._stop_listening()
+            self._stt_retry_at = time.monotonic() + STT_RETRY
+            raise ServerSideError(exc.code, f"{exc.message} (audio is dropped for "
+                                            f"{STT_RETRY:g} s, then a new stream opens)") from None
+
+    def _opus_decoder(self) -> OpusDecoder | None:
+        """The session's one Ogg Opus input stream, decoded across utterances."""
+        if self.settings.input_audio_format != "opus":
+            return None
+        if self._opus_in is None:
+            self._opus_in = OpusDecoder()
+        return self._opus_in
 
     async def _on_turn(self, action: Action, at: float) -> None:
         """From the STT reader, before the words that caused it are sent on. The start
@@ -305,17 +329,21 @@ class Session:
                 await self.send(protocol.SpeechStarted(item_id=listening.item_id,
                                                        audio_start_ms=int(at * 1000)))
             case Action.INTERRUPT:
-                await self._cancel_reply()
+                stopping = self._stop_reply()  # at once: no more text, audio or model
                 await self.send(protocol.SpeechStarted(item_id=listening.item_id,
                                                        audio_start_ms=int(at * 1000)))
                 await self.send(protocol.InterruptedByVad())
+                if stopping is not None:
+                    await asyncio.wait({stopping})  # its response.done goes out
             case _:
-                await self._jobs.put(_Turn(action, at))
+                await self._jobs.put(_Turn(action, at, listening))
 
     async def _turn(self, turn: _Turn) -> None:
         listening = self._listening
-        if listening is None:
-            return  # the buffer was cleared meanwhile
+        if listening is None or listening is not turn.listening or listening.turns is None:
+            return  # the buffer was cleared, or the stream replaced, meanwhile
+        if listening.turns.state is not State.REPLYING:
+            return  # the person went on speaking: the next end of turn has it all
         at_ms = int(turn.at * 1000)
         match turn.action:
             case Action.END_TURN:
@@ -323,24 +351,28 @@ class Session:
                                                        audio_end_ms=at_ms))
                 utterance = listening.take()
                 if utterance.transcript:
-                    await self._commit_utterance(utterance)
                     await self._cancel_reply()  # the person's new turn comes first
-                    await self._start_reply_or_listen(listening)
-                elif listening.turns is not None:  # a noise, not words: nothing to answer
+                    await self._commit_utterance(utterance)
+                    await self._start_reply_or_listen(listening.turns)
+                else:  # a noise, not words: nothing to answer
                     listening.turns.reply_ended()
             case Action.NUDGE:
                 if self._reply is None or self._reply.done():
                     self.conversation.add_user_text(SILENCE_MARKER)
-                    await self._start_reply_or_listen(listening)
+                    try:
+                        await self._start_reply_or_listen(listening.turns)
+                    except TroupeError as exc:  # nobody asked: no error event for it
+                        log.info("%s: no nudge: %s", self.id, exc.message)
 
-    async def _start_reply_or_listen(self, listening: Listening) -> None:
-        """Start the reply the turn-taking expects; if none can start, it listens."""
+    async def _start_reply_or_listen(self, turns: TurnTaking) -> None:
+        """Start the reply the turn-taking expects; if none starts, it listens."""
         try:
-            await self._start_reply()
+            started = await self._start_reply(turns)
         except BaseException:
-            if listening.turns is not None:
-                listening.turns.reply_ended()
+            turns.reply_ended()
             raise
+        if not started:
+            turns.reply_ended()
 
     async def _commit_audio(self) -> None:
         listening = self._listening
@@ -375,7 +407,9 @@ class Session:
         if listening is not None:
             await listening.close()
 
-    async def _start_reply(self) -> None:
+    async def _start_reply(self, turns: TurnTaking | None = None) -> bool:
+        """Start a reply of the selected character. For ``turns``, only while it
+        still expects one (the person may have gone on speaking meanwhile)."""
         if self._reply is not None and not self._reply.done():
             raise TroupeError(
                 "invalid_event",
@@ -392,29 +426,39 @@ class Session:
         if self.system_prompt is None or self.settings.voice != character:
             self.system_prompt = await self._sandbox_call(sandbox.system_prompt(character))
             self.settings.voice = character
+        if turns is not None and turns.state is not State.REPLYING:
+            return False
         speaking = None
         if self.tts is not None and "audio" in self.settings.modalities:
             info = self.characters.find(character)
             source = info.voice_source if info is not None else {}
             speaking = replies.Speaking(self.tts, self.tts.voice_for(source),
                                         self._audio_out(), self.config.audio_lead)
-        self._reply = asyncio.create_task(self._reply_and_part(
+        self._reply = asyncio.create_task(self._reply_and_part(replies.run_reply(
             send=self.send, send_error=self.send_error, llm=self.llm, sandbox=sandbox,
             character=character, system_prompt=self.system_prompt,
             conversation=self.conversation, temperature=self.settings.temperature,
             speaking=speaking, unmute=self.dialect is Dialect.UNMUTE,
-        ), name=f"{self.id}-reply")
+        ), speaking), name=f"{self.id}-reply")
         self._reply.add_done_callback(self._reply_ended)
         if self._listening is not None and self._listening.turns is not None:
             self._listening.turns.reply_started()
+        return True
 
-    async def _reply_and_part(self, **reply: Any) -> None:
+    async def _reply_and_part(self, reply: Coroutine[Any, Any, str | None],
+                              speaking: replies.Speaking | None) -> None:
         """One reply; a character that ends it with ``Bye!`` closes the session, as
-        in Unmute (code 1000: a normal end)."""
-        text = await replies.run_reply(**reply)
+        in Unmute (code 1000: a normal end), once its audio has played."""
+        text = await reply
         if text is not None and text.rstrip().endswith(GOODBYE):
             log.info("%s: the character said goodbye; closing", self.id)
-            await self.ws.close(code=1000, message=b"the character said goodbye")
+            self._parting = asyncio.create_task(self._part(speaking.lead if speaking else 0))
+
+    async def _part(self, delay: float) -> None:
+        """Close the socket from a task of its own, which the reply's end does not
+        cancel: the close handshake finishes."""
+        await asyncio.sleep(delay)  # what the client still had queued
+        await self.ws.close(code=1000, message=b"the character said goodbye")
 
     def _audio_out(self) -> replies.AudioOut:
         """pcm16 per reply, or the session's one continuous Ogg Opus stream."""
@@ -427,6 +471,8 @@ class Session:
     def _reply_ended(self, reply: asyncio.Task[None]) -> None:
         if self._listening is not None and self._listening.turns is not None:
             self._listening.turns.reply_ended()
+        if not reply.cancelled() and (failure := reply.exception()) is not None:
+            log.error("%s: a reply failed", self.id, exc_info=failure)
 
     def _speaker(self) -> str | None:
         """The selected character, else the first good one of the set."""
@@ -437,13 +483,22 @@ class Session:
         return good[0].name if good else None
 
     async def _cancel_reply(self) -> bool:
-        """Cancel the reply in progress (it sends its own response.done)."""
+        """Cancel the reply in progress and wait for its end (it sends its own
+        response.done). If we are cancelled while waiting, the reply is not
+        cancelled a second time in the middle of its clean-up."""
+        reply = self._stop_reply()
+        if reply is None:
+            return False
+        await asyncio.wait({reply})
+        return True
+
+    def _stop_reply(self) -> asyncio.Task[None] | None:
+        """Cancel the reply in progress, if any; returns it to wait on."""
         reply, self._reply = self._reply, None
         if reply is None or reply.done():
-            return False
+            return None
         reply.cancel()
-        await asyncio.gather(reply, return_exceptions=True)
-        return True
+        return reply
 
     async def _end_conversation(self) -> None:
         """A new set or another character: the reply stops, the history goes."""
@@ -502,4 +557,6 @@ class _Turn:
 
     action: Action
     at: float
+    listening: Listening
+    """The stream that heard it: a turn from a stream since replaced is dropped."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import sys
 import traceback
 from typing import Any
@@ -45,6 +46,9 @@ GAP = 0.4
 turn-taking's hold, so the last words are out before the turn ends)."""
 STABLE = 8
 """Partial hypotheses (one a frame, 256 ms) that must agree before a word is said."""
+
+MAX_IDLE_DECODERS = 4
+"""Decoders kept loaded while nobody speaks (about 88 MB each)."""
 
 Samples = npt.NDArray[np.float32]
 
@@ -123,7 +127,8 @@ class _Decoders:
         return pocketsphinx.Decoder(loglevel="FATAL")
 
     def give_back(self, decoder: Any) -> None:
-        self._idle.append(decoder)
+        if len(self._idle) < MAX_IDLE_DECODERS:  # else freed: a peak is not kept for good
+            self._idle.append(decoder)
 
 
 class _Recogniser:
@@ -275,7 +280,8 @@ def main() -> None:
         except Exception as exc:  # this stream fails; the others go on
             traceback.print_exc()
             if (recogniser := streams.pop(request.stream, None)) is not None:
-                recogniser.close()
+                with contextlib.suppress(Exception):
+                    recogniser.close()
             reply = Failed(request.stream, f"{type(exc).__name__}: {exc}")
         out.write(frame(reply))
         out.flush()

@@ -79,18 +79,23 @@ class WorkerProcess(Generic[R]):
 
     async def start(self, ready_within: float) -> R:
         """Start it and return its first reply. Raises ``TimeoutError`` or
-        ``ConnectionError`` (it ended first); it is killed then."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", self.module, *self._args,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )
+        ``ConnectionError`` (it could not start, or ended first); it is ended then."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", self.module, *self._args,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise ConnectionError(f"cannot start {self.module}: {exc}") from exc
         try:
             async with asyncio.timeout(ready_within):
                 first = await self._receive(process)
-        except (TimeoutError, asyncio.IncompleteReadError) as exc:
+        except asyncio.IncompleteReadError as exc:
             await _end(process)
-            raise (exc if isinstance(exc, TimeoutError)
-                   else ConnectionError(f"{self.module} ended before it was ready")) from exc
+            raise ConnectionError(f"{self.module} ended before it was ready") from exc
+        except BaseException:  # a timeout, or our caller cancelled: no orphan left
+            await asyncio.shield(_end(process))
+            raise
         self._process = process
         self._reader = asyncio.create_task(self._read(process))
         return first
