@@ -1,14 +1,18 @@
-"""Troupe benchmark: the DESIGN.md §8 figures that ``make bench`` measures.
+"""Troupe benchmark: the DESIGN.md §8 figures that ``make bench`` measures, and the
+voice loop's latencies (``scripts/bench_voice.py``).
 
-Run as ``python -m scripts.bench`` (``make bench``; ``ARGS=--help`` for the counts).
-A run takes well under two minutes on the 2-core dev machine, binds 127.0.0.1 only
-and removes everything it starts. Progress goes to stderr; stdout gets a table and,
-as its very last line, one JSON object with ``reload_p50_ms``, ``reload_p99_ms``,
-``inprocess_p50_ms``, ``ratio_p50``, ``session_start_p50_ms`` and ``idle_session_mb``.
+Run as ``python -m scripts.bench`` (``make bench``; ``ARGS=--help`` for the counts;
+``--only characters`` or ``--only voice`` for one part). A run takes about two
+minutes on the 2-core dev machine (the characters part 15 s), binds
+127.0.0.1 only and removes everything it starts. Progress goes to stderr; stdout gets
+a table and, as its very last line, one JSON object with ``reload_p50_ms``,
+``reload_p99_ms``, ``inprocess_p50_ms``, ``ratio_p50``, ``session_start_p50_ms`` and
+``idle_session_mb``, then the ``voice_*`` figures (see ``bench_voice.VoiceResults``).
 Budget misses are shown, not fatal: the exit code is 0 for a completed run and 1 when
-something broke (a failed reload, a server that did not start, a leftover process).
+something broke (a failed reload, a server that did not start, a leftover process, a
+turn that got no reply).
 
-What is measured, and how:
+What the characters part measures, and how:
 
 - Input: two generated directories of 20 realistic character files each (the Unmute
   fork's format, prompt helpers from ``unmute.llm.system_prompt``, two files per
@@ -465,9 +469,10 @@ def _terminate_with_parent() -> None:
 
 
 class Server:
-    """``python -m server`` on a free loopback port, its output in a temp log file."""
+    """``python -m server`` on a free loopback port, its output in a temp log file;
+    ``options`` are added to its command line (e.g. ``--stt URL``)."""
 
-    def __init__(self, allowed_root: Path) -> None:
+    def __init__(self, allowed_root: Path, options: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_token = secrets.token_urlsafe(16)
@@ -477,7 +482,8 @@ class Server:
         self._seen: set[tuple[int, str]] = set()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--allowed-root", str(allowed_root), "--max-reloads-per-minute", "100000"],
+             "--allowed-root", str(allowed_root), "--max-reloads-per-minute", "100000",
+             *options],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "TROUPE_ADMIN_TOKEN": self.admin_token},
             preexec_fn=_terminate_with_parent,
@@ -879,24 +885,35 @@ def table(results: Results) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def report(results: Results) -> None:
-    rows = [("figure", "value", "budget", "result"), *table(results)]
+Row = tuple[str, str, str, str]
+
+
+def report(rows: Sequence[Row], figures: dict[str, float]) -> None:
+    rows = [("figure", "value", "budget", "result"), *rows]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
               .rstrip())
-    print(json.dumps(results.figures()), flush=True)
+    print(json.dumps(figures), flush=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("characters", "voice"), default=None,
+                        help="run one part: the reload, session start and memory figures "
+                        "(characters) or the voice loop (voice; see scripts/bench_voice.py); "
+                        "default: both")
     parser.add_argument("--reloads", type=int, default=200, metavar="N",
                         help="measured reloads, and in-process loads (default: 200)")
     parser.add_argument("--session-starts", type=int, default=100, metavar="N",
                         help="measured session starts (default: 100)")
     parser.add_argument("--idle-sessions", type=int, default=50, metavar="N",
                         help="sessions held open for the memory figure (default: 50)")
+    # Imported here, not at the top: bench_voice imports this module.
+    from scripts import bench_voice
+
+    bench_voice.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -907,14 +924,29 @@ def _exit_on_sigterm(signum: int, frame: types.FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    rows: list[Row] = []
+    figures: dict[str, float] = {}
     try:
-        results = run(args)
+        if args.only in (None, "characters"):
+            results = run(args)
+            rows += table(results)
+            figures |= results.figures()
+        if args.only in (None, "voice"):
+            from scripts import bench_voice
+
+            voice = bench_voice.run(args)
+            rows += voice.rows()
+            figures |= voice.figures()
     except BenchError as exc:
         log(f"FAILED: {exc}")
         return 1
-    report(results)
+    report(rows, figures)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable copy, scripts.bench, so that scripts.bench_voice (which
+    # imports it) shares its classes, BenchError among them.
+    from scripts import bench
+
+    sys.exit(bench.main())
