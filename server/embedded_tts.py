@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
 PIPER_VOICE = "en_US-joe-medium"
+FIRST_WORDS = 3
+"""Words a reply's first clause needs to be spoken before its sentence ends."""
 MAX_PHRASE = 160
 """Characters after which a phrase is spoken even without punctuation."""
 
@@ -47,15 +49,23 @@ _UNSPOKEN = str.maketrans({"*": None, "_": None, "`": None, "#": None,
 Samples = npt.NDArray[np.float32]
 
 
-def phrases(text: str, *, final: bool) -> tuple[list[str], str]:
+def phrases(text: str, *, final: bool, first: bool = False) -> tuple[list[str], str]:
     """Split ``text`` into phrases ready to speak and the rest still being written.
-    With ``final`` the rest is a phrase too."""
+    With ``final`` the rest is a phrase too. ``first``: nothing was spoken yet, so a
+    clause of ``FIRST_WORDS`` words or more is spoken without waiting for its sentence
+    (the first audio comes sooner)."""
     ready: list[str] = []
     start = 0
     for match in _SENTENCE_END.finditer(text):
         ready.append(text[start:match.start()])
         start = match.end()
     rest = text[start:]
+    if first and not ready:
+        for clause in _CLAUSE_END.finditer(rest):
+            if len(rest[:clause.start()].split()) >= FIRST_WORDS:
+                ready.append(rest[:clause.end()])
+                rest = rest[clause.end():]
+                break
     if len(rest) > MAX_PHRASE:
         cuts = [m.end() for m in _CLAUSE_END.finditer(rest)]
         cut = cuts[-1] if cuts else rest.rfind(" ") + 1 or len(rest)
@@ -190,10 +200,11 @@ class EmbeddedTTS:
                     voice: str | None) -> AsyncGenerator[TtsEvent, None]:
         """Audio for each phrase as soon as the text has it; raises
         ``BackendUnavailable`` when a model cannot load or speak."""
-        pending = ""
+        pending, spoken = "", False
         async for chunk in text_chunks:
-            ready, pending = phrases(pending + chunk, final=False)
+            ready, pending = phrases(pending + chunk, final=False, first=not spoken)
             for phrase in ready:
+                spoken = True
                 yield AudioChunk(await inference.run(self._synthesize, phrase, voice))
         for phrase in phrases(pending, final=True)[0]:
             yield AudioChunk(await inference.run(self._synthesize, phrase, voice))

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, cast
 
 import msgspec
 
-from .workers import frame, protocol_stdout, read
+from .workers import NICENESS, frame, protocol_stdout, read
 
 MAX_TOKENS = 40
 """Tokens after which the reply ends at the next sentence end."""
@@ -36,6 +36,7 @@ HARD_LIMIT = 70
 """Tokens after which the reply ends wherever it is."""
 REPEAT_PENALTY = 1.2
 CONTEXT = 2048
+CACHE_BYTES = 256 << 20
 _SENTENCE_END = re.compile(r"[.!?…][\"')\]]*(?:\s|$)")
 _CLAUSE_END = re.compile(r"[,;:]")
 
@@ -83,9 +84,13 @@ class _Worker:
         self._cancelled: set[int] = set()
         self._work: queue.Queue[Generate | None] = queue.Queue()
         from llama_cpp import Llama
+        from llama_cpp.llama_cache import LlamaRAMCache
 
         self.model = Llama(model_path=model_path, n_ctx=CONTEXT, n_threads=threads,
                            verbose=False)
+        # Sessions take turns on one model: each session's evaluated system prompt
+        # is kept (a few MB each), so its next reply skips re-reading it.
+        self.model.set_cache(LlamaRAMCache(capacity_bytes=CACHE_BYTES))
 
     def send(self, message: Reply) -> None:
         with self._lock:
@@ -144,6 +149,7 @@ class _Worker:
 
 
 def main() -> None:
+    os.nice(NICENESS)
     model_path, threads = sys.argv[1], int(sys.argv[2])
     out = protocol_stdout()
     try:

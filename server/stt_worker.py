@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import contextlib
+import os
 import sys
 import traceback
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .resampling import StreamResampler
-from .workers import frame, protocol_stdout, read
+from .workers import NICENESS, frame, protocol_stdout, read
 
 SAMPLE_RATE = 24_000
 DECODER_RATE = 16_000
@@ -47,8 +48,10 @@ turn-taking's hold, so the last words are out before the turn ends)."""
 STABLE = 8
 """Partial hypotheses (one a frame, 256 ms) that must agree before a word is said."""
 
-MAX_IDLE_DECODERS = 4
-"""Decoders kept loaded while nobody speaks (about 88 MB each)."""
+PRELOADED_DECODERS = 2
+"""Decoders each worker loads at start (about 0.5 s and 88 MB each)."""
+MAX_IDLE_DECODERS = 6
+"""Decoders kept loaded while nobody speaks; more are freed after a peak."""
 
 Samples = npt.NDArray[np.float32]
 
@@ -230,7 +233,10 @@ class _Recogniser:
             return []
         self._decoder.end_utt()
         self._in_utterance = False
-        words = self._words(self._frames * FRAME_SEC, final=True)
+        # The last words come out after the gap, but were said before it: they carry
+        # the time speech stopped, so the turn-taking's pause started then is kept.
+        spoken = (self._frames - self._silent_frames) * FRAME_SEC
+        words = self._words(spoken, final=True)
         self._give_back()
         return words
 
@@ -249,10 +255,14 @@ def _common_prefix(lists: collections.abc.Iterable[list[str]]) -> list[str]:
 
 
 def main() -> None:
+    os.nice(NICENESS)
     out = protocol_stdout()
     try:
         decoders = _Decoders()
-        decoders.give_back(decoders.take())  # load the model once, up front
+        # Load decoders up front: one loaded on demand stalls every stream here 0.5 s.
+        loaded = [decoders.take() for _ in range(PRELOADED_DECODERS)]
+        for decoder in loaded:
+            decoders.give_back(decoder)
         _Recogniser(decoders).close()
     except Exception as exc:
         out.write(frame(Failed(0, f"the models did not load: {type(exc).__name__}: {exc}")))

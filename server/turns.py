@@ -65,7 +65,8 @@ class TurnTaking:
     def word(self, time: float) -> Action | None:
         """The person said a word at ``time``."""
         self._tick(time)
-        self._paused_since = None
+        if self._paused_since is not None and time >= self._paused_since:
+            self._paused_since = None  # (a word said before the pause leaves it running)
         if self.state is State.HEARING:
             return None
         return self._start_hearing()

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024
+NICENESS = 5
+"""Workers yield the CPU to the server, whose event loop paces everyone's audio
+(measured: with 20 sessions on 2 cores, the loop woke up to 125 ms late)."""
 
 R = TypeVar("R")
 _encoder = msgspec.msgpack.Encoder()

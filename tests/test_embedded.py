@@ -20,8 +20,9 @@ from conftest import SCALE, Realtime
 
 from server.app import create_app
 from server.config import Config
-from server.embedded_tts import EmbeddedTTS
+from server.embedded_tts import EmbeddedTTS, phrases
 from server.kyutai_tts import pcm16_bytes
+from server.resampling import StreamResampler
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -120,3 +121,26 @@ async def test_speaking_over_the_reply_interrupts_it(
     assert kinds.index("input_audio_buffer.speech_started") < kinds.index("response.done")
     assert events[-1]["response"]["status"] == "cancelled"
     assert "response.output_audio.delta" not in kinds[kinds.index("unmute.interrupted_by_vad"):]
+
+
+# ── the pure parts ───────────────────────────────────────────────────────────
+
+
+def test_phrases_are_spoken_a_sentence_at_a_time_and_the_first_sooner() -> None:
+    assert phrases("Hello there. How are you? I am", final=False) == (
+        ["Hello there.", "How are you?"], "I am")
+    assert phrases("Well, I think that, you", final=False, first=True) == (
+        ["Well, I think that,"], "you")
+    assert phrases("Well, I think that, you", final=False) == ([], "Well, I think that, you")
+    assert phrases("the *end*", final=True) == (["the end"], "")
+
+
+def test_resampling_in_pieces_equals_resampling_at_once() -> None:
+    rng = np.random.default_rng(7)
+    audio = rng.uniform(-0.5, 0.5, 24_000).astype(np.float32)
+    whole = StreamResampler(24_000, 16_000)(audio)
+    pieces = StreamResampler(24_000, 16_000)
+    chunked = np.concatenate([pieces(audio[i:i + 1920]) for i in range(0, len(audio), 1920)])
+
+    assert len(whole) == len(chunked) == 16_000
+    assert np.allclose(whole, chunked, atol=1e-5)
