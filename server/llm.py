@@ -73,6 +73,9 @@ class LLM(Protocol):
 
     async def close(self) -> None: ...
 
+    async def warm(self, system_prompt: str) -> None:
+        """A hint: replies with this system prompt are coming (a cache may load it)."""
+
     def stream(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], temperature: float
     ) -> AsyncGenerator[StreamItem, None]:
@@ -214,6 +217,9 @@ class OpenAICompatibleLLM:
     async def close(self) -> None:
         await self._client.close()
 
+    async def warm(self, system_prompt: str) -> None:
+        pass  # the server caches prompts its own way (vLLM, llama.cpp) or not at all
+
     async def stream(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], temperature: float
     ) -> AsyncGenerator[StreamItem, None]:
@@ -324,6 +330,9 @@ class BuiltinResponder:
     name = "the built-in responder"
 
     async def start(self) -> None:
+        pass
+
+    async def warm(self, system_prompt: str) -> None:
         pass
 
     async def close(self) -> None:

@@ -45,6 +45,9 @@ class Generate(msgspec.Struct, tag=True):
     id: int
     messages: list[dict[str, str]]
     temperature: float
+    warm: bool = False
+    """Only read the prompt (into the prompt cache) and answer ``Done``: the session
+    chose a character, its first reply will not wait for its system prompt."""
 
 
 class Cancel(msgspec.Struct, tag=True):
@@ -123,6 +126,10 @@ class _Worker:
             self._cancelled.discard(request.id)
 
     def _generate(self, request: Generate) -> None:
+        if request.warm:
+            self.model.create_chat_completion(messages=cast(Any, request.messages),
+                                              max_tokens=1)
+            return
         text, tokens = "", 0
         chunks: Any = self.model.create_chat_completion(
             messages=cast(Any, request.messages), stream=True, temperature=request.temperature,

@@ -252,6 +252,7 @@ class Session:
                 self.characters.sandbox.system_prompt(character.name)
             )
             self.settings.voice = character.name
+            await self.llm.warm(self.system_prompt)
         rendered = dialects.render(self.dialect, self.settings)
         await self.send(protocol.SessionUpdated(session=rendered))
         if self.dialect is Dialect.UNMUTE and not self._greeted:
