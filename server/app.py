@@ -16,6 +16,7 @@ opened and closed in ``cleanup_ctx``; shutdown closes live sessions with 1001.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -56,6 +57,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_sandbox_pool)
     app.cleanup_ctx.append(_language_model)
     app.cleanup_ctx.append(_speech)
+    app.on_startup.append(_freeze_startup_objects)
     app.on_shutdown.append(_close_sessions)
     app.router.add_get("/v1/realtime", realtime)
     app.router.add_get("/v1/health", health)
@@ -101,6 +103,13 @@ async def _speech(app: web.Application) -> AsyncIterator[None]:
     app[SPEECH] = speech
     yield
     await speech.close()
+
+
+async def _freeze_startup_objects(app: web.Application) -> None:
+    """What start-up made lives as long as the server: out of the collector's way
+    (full collections of ~113k objects stalled the loop 50-130 ms under load)."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -224,6 +233,11 @@ async def list_sessions(request: web.Request) -> web.Response:
     given = request.headers.get("Authorization", "").removeprefix("Bearer ")
     if not secrets.compare_digest(given.encode(), token.encode()):
         raise web.HTTPUnauthorized(text="send Authorization: Bearer <admin token>")
+    sessions = list(request.app[SESSIONS].values())
+    pids = [session.characters.sandbox.pid if session.characters.sandbox else None
+            for session in sessions]
+    # Reading smaps_rollup costs ~2.5 ms a process: 0.5 s for 200 sessions, off the loop.
+    pss = await asyncio.to_thread(lambda: [_pss_kb(pid) for pid in pids])
     return web.json_response([
         {
             "id": session.id,
@@ -233,10 +247,9 @@ async def list_sessions(request: web.Request) -> web.Response:
             "characters": [c.name for c in session.characters.characters],
             "voice": session.settings.voice,
             "sandbox_pid": pid,
-            "sandbox_pss_kb": _pss_kb(pid),
+            "sandbox_pss_kb": kb,
         }
-        for session in request.app[SESSIONS].values()
-        for pid in [session.characters.sandbox.pid if session.characters.sandbox else None]
+        for session, pid, kb in zip(sessions, pids, pss, strict=True)
     ])
 
 

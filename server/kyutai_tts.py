@@ -194,7 +194,9 @@ class KyutaiTTS:
 
     async def start(self) -> None:
         if self._http is None:
-            self._http = aiohttp.ClientSession()
+            # No connection cap: each session holds one socket (aiohttp's default
+            # of 100 refused the 101st session's speech).
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
     async def close(self) -> None:
         if self._http is not None:
