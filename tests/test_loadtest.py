@@ -1,0 +1,413 @@
+"""scripts/loadtest.py: its own logic (the isolation check, the percentile maths, the
+fake STT's looping script, the report) and small runs against real servers: an
+in-process one for the session logic, and ``--spawn-server`` runs of the script as a
+subprocess. Nothing here asserts on how fast anything was."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import numpy as np
+import pytest
+import soundfile
+from aiohttp.test_utils import TestClient
+from conftest import REPO, SCALE
+from fake_kyutai_stt import PAUSE_HEAD, PAUSED, SPEAKING
+
+from scripts import loadtest
+from scripts.loadtest_audio import build_cycle, pcm16_samples_in, reply_seconds, voiced_span
+from scripts.loadtest_characters import Directories, check, owner_of
+from scripts.loadtest_fakes import LoopingTranscript, array_length
+from scripts.loadtest_report import nice_ticks, table, write_html, write_json
+from scripts.loadtest_scenarios import leftover_series, reloader_count, storm_phases
+from scripts.loadtest_sessions import Failed, Run, Session, reload_and_check
+from scripts.loadtest_stats import Budget, Recorder, Series, passed, percentile, summary
+
+REQUIRED = (
+    "scenario", "sessions_requested", "sessions_held", "isolation_violations",
+    "reload_ms", "session_start_ms", "first_audio_ms", "frame_lateness_ms",
+    "errors_by_code", "leftover_processes", "server_rss_mb", "sandbox_pss_mb_per_session",
+)
+LATENCIES = ("reload_ms", "session_start_ms", "first_audio_ms", "frame_lateness_ms")
+
+
+# ── percentile maths ─────────────────────────────────────────────────────────
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([10], 99) == 10
+    assert percentile(list(range(101)), 99) == 99
+    assert percentile([3, 1, 2], 0) == 1
+    assert percentile([3, 1, 2], 100) == 3
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile([1], 101)
+
+
+def test_summary_has_the_figures_of_the_json_file() -> None:
+    figures = summary([float(v) for v in range(1, 101)])
+    assert figures == {"count": 100, "p50": 50.5, "p95": 95.05, "p99": 99.01,
+                       "max": 100.0, "mean": 50.5}
+    assert summary([]) == {"count": 0, "p50": None, "p95": None, "p99": None,
+                           "max": None, "mean": None}
+
+
+def test_series_picks_the_samples_of_windows() -> None:
+    series = Series()
+    for t in range(10):
+        series.add(float(t), float(t * 10))
+    assert series.between(2, 5) == [20, 30, 40]
+    assert series.within([(0, 2), (8, 20)]) == [0, 10, 80, 90]
+
+
+def test_budgets_fail_only_when_binding_and_measured() -> None:
+    assert Budget("lateness", 19.9, 20).ok is True
+    assert Budget("capacity", 150, 200, at_most=False).ok is False
+    assert Budget("not measured", None, 20).ok is None
+    assert passed([Budget("a", 1, 2), Budget("not measured", None, 0),
+                   Budget("reference", 50, 20, binding=False)])
+    assert not passed([Budget("a", 3, 2)])
+
+
+# ── the isolation check ──────────────────────────────────────────────────────
+
+
+def test_generated_names_say_whose_they_are(tmp_path: Path) -> None:
+    directories = Directories(tmp_path)
+    first = directories.write("r0001", count=3)
+    second = directories.write("r0002", count=3)
+    d0, d1, d2 = first
+    # d0 and d1 (and everyone's d0) hold files of the same names, not the same content.
+    assert sorted(p.name for p in d0.glob("*.py")) == sorted(p.name for p in d1.glob("*.py"))
+    assert sorted(p.name for p in d0.glob("*.py")) == sorted(
+        p.name for p in second[0].glob("*.py"))
+    assert (d0 / "c00.py").read_text() != (d1 / "c00.py").read_text()
+    assert not set(p.name for p in d2.glob("*.py")) & set(p.name for p in d0.glob("*.py"))
+    assert directories.names[d1] == {"r0001.d1.c00", "r0001.d1.c01", "r0001.d1.c02"}
+    assert {owner_of(n) for n in directories.names[second[2]]} == {"r0002"}
+    assert owner_of("Charles") is None
+    with pytest.raises(ValueError):
+        directories.write("R-1")
+
+
+def test_check_tells_violations_from_mismatches() -> None:
+    expected = ["r0001.d0.c00", "r0001.d0.c01"]
+    exact = check("r0001", "/x/d0", expected, reversed(expected))
+    assert exact.exact and not exact.violation
+
+    stale = check("r0001", "/x/d0", expected, ["r0001.d1.c00", "r0001.d1.c01"])
+    assert not stale.violation and not stale.exact
+    assert stale.missing == expected and stale.unexpected == ["r0001.d1.c00", "r0001.d1.c01"]
+
+    leaked = check("r0001", "/x/d0", expected, ["r0001.d0.c00", "r0002.d0.c01"])
+    assert leaked.violation and leaked.foreign == {"r0002.d0.c01": "r0002"}
+    assert leaked.details("sess_1", "session.characters.listed")["foreign"] == {
+        "r0002.d0.c01": "r0002"}
+
+    other = check("r0001", "/x/d0", expected, [*expected, "Charles"], owners={"Charles": "w0009"})
+    assert other.violation and other.foreign == {"Charles": "w0009"}
+
+    doubled = check("r0001", "/x/d0", expected, [*expected, expected[0]])
+    assert doubled.duplicates == [expected[0]] and not doubled.exact
+
+
+# ── the fake STT's looping script, audio helpers ─────────────────────────────
+
+
+def test_the_looping_transcript_repeats_every_period() -> None:
+    stream = LoopingTranscript([("hello", 0.16), ("there", 0.4)], end=0.64, period=1.6,
+                               delay_steps=0)
+    out = stream.audio(2 * 1920 * 20)  # two periods of 20 frames
+    words = [(m["text"], round(m["start_time"], 2)) for m in out if m["type"] == "Word"]
+    assert words == [("hello", 0.16), ("there", 0.4), ("hello", 1.76), ("there", 2.0)]
+    steps = [m["prs"][PAUSE_HEAD] for m in out if m["type"] == "Step"]
+    assert len(steps) == 40
+    # Step i is about the audio up to (i + 1) × 80 ms, as in FakeKyutaiSTT.
+    speaking = [i for i, p in enumerate(steps) if p == SPEAKING]
+    assert speaking == [1, 2, 3, 4, 5, 6, 21, 22, 23, 24, 25, 26]
+    assert all(p == PAUSED for i, p in enumerate(steps) if i not in speaking)
+
+    delayed = LoopingTranscript([("hello", 0.16)], end=0.64, period=1.6, delay_steps=2)
+    assert [m["type"] for m in delayed.audio(1920)] == ["Step"]
+    assert delayed.marker(7) == []  # once the audio before it and the delay are through
+    assert delayed.audio(1920)[-1]["type"] == "Step"
+    assert delayed.audio(1920)[-1] == {"type": "Marker", "id": 7}
+
+
+def test_audio_messages_are_counted_without_decoding() -> None:
+    pcm = msgspec.msgpack.encode({"type": "Audio", "pcm": [0.5] * 1920})
+    decoded = msgspec.msgpack.decode(pcm, type=dict[str, msgspec.Raw])
+    assert array_length(decoded["pcm"]) == 1920
+    assert array_length(msgspec.msgpack.encode([1.0] * 3)) == 3
+    assert array_length(msgspec.msgpack.encode([1.0] * 70000)) == 70000
+    assert array_length(b"\xa1x") is None
+    assert pcm16_samples_in("AAAA") == 1  # 3 bytes: one whole sample
+    assert pcm16_samples_in("AAA=") == 1
+    assert pcm16_samples_in("AA==") == 0
+
+
+def test_voiced_span_finds_the_loud_part() -> None:
+    pcm = np.zeros(24_000, dtype="<i2")
+    pcm[4800:12000] = 8000
+    assert voiced_span(pcm) == (0.2, 0.5)
+    assert voiced_span(np.zeros(100, dtype="<i2")) == (0.0, 100 / 24_000)
+
+
+def test_the_cycle_leaves_room_for_the_whole_reply(tmp_path: Path) -> None:
+    samples = np.zeros(16_000 * 2, dtype=np.float32)  # 2 s at 16 kHz, speech from 0.5 s
+    samples[8000:24000] = 0.3 * np.sin(np.arange(16000) / 5)
+    soundfile.write(tmp_path / "speech.wav", samples, 16_000)
+    cycle = build_cycle(tmp_path / "speech.wav", ("one", "two", "three"), audio_lead=0.5)
+    assert abs(cycle.speech_start - 0.5) <= 0.02 and abs(cycle.speech_end - 1.5) <= 0.02
+    assert cycle.period >= cycle.speech_end + reply_seconds() + 0.5 + 1.0
+    assert [w for w, _ in cycle.heard()] == ["one", "two", "three"]
+    assert all(cycle.speech_start <= t < cycle.speech_end for _, t in cycle.heard())
+    assert cycle.last_speech_chunk == int(cycle.speech_end / 0.08)
+    first = json.loads(cycle.appends[0])
+    assert first["type"] == "input_audio_buffer.append"
+    assert pcm16_samples_in(first["audio"]) == 1920  # 80 ms at 24 kHz, resampled
+    assert cycle.stt_script()["period"] == cycle.period
+
+
+# ── scenario arithmetic and the report ───────────────────────────────────────
+
+
+def test_reloaders_are_a_fraction_but_never_everyone() -> None:
+    assert reloader_count(200, 0.1) == 20
+    assert reloader_count(4, 0.1) == 1
+    assert reloader_count(4, 1.0) == 3
+    assert reloader_count(4, 0.0) == 0
+    assert reloader_count(1, 0.5) == 0
+
+
+def test_storm_phases_alternate_calm_first() -> None:
+    phases = storm_phases(10.0, 20.0)
+    assert [kind for kind, _, _ in phases] == ["calm", "storm", "calm", "storm"]
+    assert phases[0][1] == 10.0 and phases[-1][2] == 30.0
+    assert all(a[2] == b[1] for a, b in zip(phases, phases[1:], strict=False))
+    assert len(storm_phases(0.0, 3.0)) == 2
+
+
+def test_leftover_series_counts_only_our_sessions() -> None:
+    text = "\n".join([
+        "# HELP session_character_count Characters loaded in a session.",
+        'session_character_count{session_id="sess_a"} 7.0',
+        'character_load_per_session_total{session_id="sess_a"} 2.0',
+        'session_character_count{session_id="sess_other"} 3.0',
+        "sessions_active 1.0",
+    ])
+    assert leftover_series(text, {"sess_a"}) == 2
+    assert leftover_series(text, {"sess_b"}) == 0
+    assert leftover_series(None, {"sess_a"}) is None
+
+
+def test_nice_ticks_cover_the_data() -> None:
+    for low, high in ((0, 30.4), (0.0, 0.8), (12.0, 812.0), (5.0, 5.0)):
+        ticks = nice_ticks(low, high)
+        assert ticks[0] <= low and ticks[-1] >= high and len(ticks) <= 12
+
+
+def a_result() -> dict[str, Any]:
+    latency = summary([1.0, 2.0, 3.0])
+    return {
+        "scenario": "reload-storm", "target": {"url": "ws://127.0.0.1:1/v1/realtime?model=x",
+                                               "spawned": True, "server_pid": 1},
+        "sessions_requested": 4, "sessions_held": 4, "isolation_violations": 0,
+        "reload_mismatches": 0, "answers_checked": 6, "reload_ms": latency,
+        "session_start_ms": latency, "first_audio_ms": summary([]),
+        "frame_lateness_ms": latency, "frame_lateness_baseline_ms": latency,
+        "client_loop_lag_ms": latency, "errors_by_code": {"rate_limited": 2},
+        "responses": {"completed": 3}, "leftover_processes": 0, "orphan_processes": 0,
+        "server_rss_mb": 80.5, "sandbox_pss_mb_per_session": 4.6,
+        "memory_mb_per_session": 5.1, "cpu_percent": {"server": 12.5},
+        "budgets": [Budget("isolation violations", 0, 0, unit="").as_dict(),
+                    Budget("growth", 7.5, 5.0).as_dict(),
+                    Budget("start", None, 20.0, binding=False).as_dict()],
+        "passed": False, "reload_storm": {"growth_ms": 7.5},
+        "distributions": {"reload_ms": [float(i) for i in range(101)],
+                          "frame_lateness_ms": []},
+        "timeline": [{"t": 1.0, "sessions_open": 2, "streaming": 1, "server_rss_mb": 80.0,
+                      "sandbox_pss_mb": 40.0, "lateness_p99_ms": None},
+                     {"t": 2.0, "sessions_open": 4, "streaming": 3, "server_rss_mb": 81.0,
+                      "cpu_percent": {"server": 12.5}, "lateness_p99_ms": 3.0}],
+    }
+
+
+def test_the_report_shows_every_budget(tmp_path: Path) -> None:
+    result = a_result()
+    text = table(result)
+    assert "MISS growth: 7.5 ms <= 5.0 ms" in text
+    assert "n/a  start" in text and "(for reference)" in text
+    assert "rate_limited 2" in text and text.endswith("FAILED: a budget or the isolation "
+                                                      "check failed")
+    write_json(result, tmp_path / "out" / "result.json")
+    assert json.loads((tmp_path / "out" / "result.json").read_text()) == result
+    write_html(result, tmp_path / "out" / "charts.html")
+    page = (tmp_path / "out" / "charts.html").read_text()
+    assert page.startswith("<!doctype html>") and "<script" not in page
+    assert page.count("<svg") >= 5 and "Reload, client-observed (CDF)" in page
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
+
+
+@pytest.mark.parametrize("argv", [
+    ["--sessions", "0"],
+    ["--scenario", "nonsense"],
+    ["--url", "ws://192.0.2.1:8000/v1/realtime?model=x"],
+    ["--url", "ws://127.0.0.1:8000/v1/realtime"],
+    ["--url", "ws://127.0.0.1:8000/v1/realtime?model=x", "--scenario", "churn"],
+    ["--spawn-server", "--plot", "charts.png"],
+    ["--spawn-server", "--characters-root", "/tmp"],
+    ["--spawn-server", "--duration", "-1"],
+])
+def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        loadtest.main(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+# ── sessions against a real server ───────────────────────────────────────────
+
+
+async def test_a_reload_of_another_sessions_set_is_a_violation(
+    server: TestClient, allowed_root: Path
+) -> None:
+    directories = Directories(allowed_root)
+    mine, theirs = directories.write("r0001", count=3), directories.write("r0002", count=3)
+    async with aiohttp.ClientSession() as http:
+        run = Run(http, f"ws://127.0.0.1:{server.port}/v1/realtime?model=t", Recorder(),
+                  time.monotonic(), audio_lead=0.5, timeout=20 * SCALE)
+        session = await Session.open(run)
+        try:
+            await reload_and_check(session, "r0001", mine[1], directories)
+            assert run.recorder.violations == run.recorder.mismatches == 0
+            assert run.recorder.reloads_checked == 2  # the reload's answer and a list
+
+            # Claiming another owner's directory as ours: its names are foreign.
+            expected_theirs = directories.names[theirs[0]]
+            directories.names[theirs[0]] = directories.names[mine[0]]
+            await reload_and_check(session, "r0001", theirs[0], directories)
+            assert run.recorder.violations == 2
+            example = run.recorder.violation_examples[0]
+            assert example["session_id"] == session.id
+            assert set(example["foreign"]) == set(expected_theirs)
+            assert set(example["foreign"].values()) == {"r0002"}
+
+            # Our own other directory where d0 was expected: a mismatch, not a leak.
+            directories.names[mine[1]] = directories.names[mine[0]]
+            await reload_and_check(session, "r0001", mine[1], directories)
+            assert run.recorder.violations == 2 and run.recorder.mismatches == 2
+
+            metrics = await (await server.get("/metrics")).text()
+            assert leftover_series(metrics, {session.id}) >= 2  # the gauge, the counter
+        finally:
+            await session.close()
+        for _ in range(int(200 * SCALE)):  # the server ends the session after the close
+            metrics = await (await server.get("/metrics")).text()
+            if leftover_series(metrics, {session.id}) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert leftover_series(metrics, {session.id}) == 0
+        assert run.recorder.sessions_open == 0 and run.recorder.sessions_opened == 1
+        assert len(run.recorder.session_start_ms) == 1
+
+
+async def test_errors_are_counted_by_code(server: TestClient, allowed_root: Path) -> None:
+    async with aiohttp.ClientSession() as http:
+        run = Run(http, f"ws://127.0.0.1:{server.port}/v1/realtime?model=t", Recorder(),
+                  time.monotonic(), audio_lead=0.5, timeout=20 * SCALE)
+        session = await Session.open(run)
+        try:
+            with pytest.raises(Failed) as failed:
+                await session.request({"type": "session.characters.reload",
+                                       "directory": str(allowed_root / "missing")},
+                                      "session.characters.reloaded")
+            assert failed.value.code == "directory_not_found"
+        finally:
+            await session.close()
+        run.url = "ws://127.0.0.1:9/v1/realtime?model=t"  # nothing listens there
+        with pytest.raises(Failed):
+            await Session.open(run)
+    assert dict(run.recorder.errors) == {"directory_not_found": 1, "client.connect_failed": 1}
+
+
+# ── the script, with the server and fakes it starts ──────────────────────────
+
+
+async def run_script(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    out = tmp_path / "result.json"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "scripts.loadtest", "--spawn-server", "--quiet",
+        "--json", str(out), "--plot", str(tmp_path / "charts.html"),
+        "--timeout", str(20 * SCALE), *args,
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), 240 * SCALE)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    text = output.decode(errors="replace")
+    assert out.exists(), text
+    return process.returncode or 0, json.loads(out.read_text()), text
+
+
+def check_common(code: int, result: dict[str, Any], output: str) -> None:
+    for key in REQUIRED:
+        assert key in result, key
+    for key in LATENCIES:
+        assert set(result[key]) >= {"p50", "p95", "p99", "max"}, key
+    assert code == (0 if result["passed"] else 1), output
+    assert result["isolation_violations"] == 0, result["isolation_details"]
+    assert result["reload_mismatches"] == 0, result["mismatch_details"]
+    assert result["leftover_processes"] == 0
+    assert result["orphan_processes"] == 0
+    assert "budgets (DESIGN.md section 8):" in output
+
+
+@pytest.mark.timeout(300)
+async def test_a_small_reload_storm(tmp_path: Path) -> None:
+    code, result, output = await run_script(
+        tmp_path, "--scenario", "reload-storm", "--sessions", "4", "--reload-fraction", "0.5",
+        "--duration", "8", "--ramp", "10", "--characters", "5")
+    check_common(code, result, output)
+    assert result["scenario"] == "reload-storm" and result["sessions_requested"] == 4
+    assert result["reload_storm"]["reloading_sessions"] == 2
+    assert result["reload_ms"]["count"] > 0
+    assert result["answers_checked"] == 2 * result["reload_ms"]["count"]
+    assert result["responses"].get("completed", 0) > 0  # the voice loop answered
+    assert result["server_rss_mb"] is not None and result["timeline"]
+    assert (tmp_path / "charts.html").read_text().count("<svg") >= 5
+
+
+@pytest.mark.timeout(300)
+async def test_a_small_churn(tmp_path: Path) -> None:
+    code, result, output = await run_script(
+        tmp_path, "--scenario", "churn", "--sessions", "2", "--cycles", "60",
+        "--characters", "3")
+    check_common(code, result, output)
+    churn = result["churn"]
+    assert churn["cycles_done"] == 60 and churn["leftover_metric_series"] == 0
+    assert churn["sessions_seen"] == 60 and result["reload_ms"]["count"] == 60
+    assert churn["rss_drift_percent"] is not None
+
+
+@pytest.mark.timeout(300)
+async def test_a_small_capacity_run(tmp_path: Path) -> None:
+    code, result, output = await run_script(
+        tmp_path, "--scenario", "capacity", "--sessions", "3", "--ramp", "10",
+        "--duration", "4")
+    check_common(code, result, output)
+    capacity = result["capacity"]
+    assert capacity["windows"] and 0 <= result["sessions_held"] <= 3
+    assert not any(b["ok"] is not None for b in result["budgets"]
+                   if b["name"].startswith("sessions streaming"))  # fewer than 200 asked
