@@ -24,37 +24,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scripts.bench import PROMPT_GENERATOR
+
 CHARACTERS_PER_DIRECTORY = 20
 """As the reload budget's directory (DESIGN.md §8)."""
 DIRECTORIES_PER_OWNER = 3
 
 _NAME = re.compile(r"^(?P<owner>[a-z]+\d+)\.d(?P<directory>\d+)\.c\d+$")
 
-_PROMPT_GENERATOR = '''
-
-class PromptGenerator:
-    def __init__(self, instructions: dict) -> None:
-        self.instructions = instructions
-
-    def make_system_prompt(self) -> str:
-        from unmute.llm.system_prompt import (
-            _DEFAULT_ADDITIONAL_INSTRUCTIONS,
-            _SYSTEM_PROMPT_BASICS,
-            _SYSTEM_PROMPT_TEMPLATE,
-            LANGUAGE_CODE_TO_INSTRUCTIONS,
-            get_readable_llm_name,
-        )
-
-        return _SYSTEM_PROMPT_TEMPLATE.format(
-            _SYSTEM_PROMPT_BASICS=_SYSTEM_PROMPT_BASICS,
-            additional_instructions=self.instructions.get("instruction_prompt")
-            or _DEFAULT_ADDITIONAL_INSTRUCTIONS,
-            language_instructions=LANGUAGE_CODE_TO_INSTRUCTIONS.get(
-                self.instructions.get("language")
-            ),
-            llm_name=get_readable_llm_name(),
-        )
-'''
+_PROMPT_GENERATOR = PROMPT_GENERATOR  # the same Unmute-format file body as make bench's
 
 
 def character_name(owner: str, directory: int, index: int) -> str:

@@ -28,12 +28,13 @@ import msgspec
 
 from .workers import NICENESS, frame, protocol_stdout, read
 
-MAX_TOKENS = 40
+MAX_TOKENS = 32
 """Tokens after which the reply ends at the next sentence end."""
-CLAUSE_LIMIT = 55
+CLAUSE_LIMIT = 42
 """Tokens after which it also ends at a comma, colon or semicolon (made a full stop)."""
-HARD_LIMIT = 70
-"""Tokens after which the reply ends wherever it is."""
+HARD_LIMIT = 52
+"""Tokens after which the reply ends wherever it is (about 10 s of speech; seen: 15 s
+of one run-on sentence at 70)."""
 REPEAT_PENALTY = 1.2
 CONTEXT = 2048
 CACHE_BYTES = 256 << 20
@@ -153,6 +154,8 @@ class _Worker:
                 return
             text += delta
             self.send(Token(request.id, delta))
+        if tokens >= HARD_LIMIT and not _SENTENCE_END.search(text[-3:] + " "):
+            self.send(Token(request.id, "…"))  # cut off: said so, not left hanging
 
 
 def main() -> None:
