@@ -76,9 +76,10 @@ class Word(_Message, tag="Text"):
 
 
 class Audio(_Message, tag="Audio"):
-    """Server → client: the next float32 samples at 24 kHz."""
+    """Server → client: the next float32 samples at 24 kHz (a msgpack array, read
+    by ``samples``)."""
 
-    pcm: list[float]
+    pcm: msgspec.Raw
 
 
 class Error(_Message, tag="Error"):
@@ -102,6 +103,29 @@ def decode(frame: bytes) -> ServerMessage:
     """Raises ``msgspec.DecodeError`` (a ``ValidationError`` too) on a frame this
     client does not know, e.g. ``OggOpus`` when a format other than ours was asked."""
     return _decoder.decode(frame)
+
+
+_floats: msgspec.msgpack.Decoder[list[float]] = msgspec.msgpack.Decoder(list[float])
+
+
+def samples(raw: msgspec.Raw) -> npt.NDArray[np.float32]:
+    """A msgpack array of floats as numpy. moshi-server writes float32 (``0xca`` and 4
+    big-endian bytes each): read straight by numpy, 10x faster than a list of Python
+    floats (the profile of 100 sessions had 13 % of the loop here). Anything else goes
+    through msgspec."""
+    data = bytes(raw)
+    if data[:1] == b"\xdc":
+        count, header = int.from_bytes(data[1:3], "big"), 3
+    elif data[:1] == b"\xdd":
+        count, header = int.from_bytes(data[1:5], "big"), 5
+    else:
+        count, header = -1, 0
+    if count >= 0 and len(data) == header + 5 * count:
+        items = np.frombuffer(data, dtype=[("marker", "u1"), ("value", ">f4")],
+                              offset=header)
+        if (items["marker"] == 0xCA).all():
+            return items["value"].astype(np.float32)
+    return np.asarray(_floats.decode(data), dtype=np.float32)
 
 
 # ── what speak yields ────────────────────────────────────────────────────────
@@ -403,6 +427,6 @@ class _Reply:
                     self._words_spoken += 1
                     return SpokenWord(text, start_s, stop_s)
                 case Audio(pcm):
-                    return AudioChunk(np.asarray(pcm, dtype=np.float32))
+                    return AudioChunk(samples(pcm))
                 case Error(text):
                     raise BackendUnavailable(f"{self._name} failed mid-reply: {text}")
