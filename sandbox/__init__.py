@@ -6,7 +6,14 @@ package never imports the server or aiohttp.
 """
 
 from .config import ChildLimits, SandboxConfig
-from .errors import CallFailed, LoadFailed, SandboxCrashed, SandboxError, SandboxTimeout
+from .errors import (
+    CallFailed,
+    LoadFailed,
+    SandboxCrashed,
+    SandboxError,
+    SandboxTimeout,
+    SandboxUnavailable,
+)
 from .host import LoadReport, Sandbox
 from .observer import Observer
 from .pool import Pool
@@ -26,4 +33,5 @@ __all__ = [
     "SandboxCrashed",
     "SandboxError",
     "SandboxTimeout",
+    "SandboxUnavailable",
 ]

@@ -1,44 +1,40 @@
 """The sandbox child: one interpreter holding one session's characters.
 
-Started by the host through ``multiprocessing`` (forkserver, with this module
-preloaded), it contains itself (``containment.enter``), then serves requests from its
-channel one at a time until the channel closes:
+Forked by the zygote (``sandbox.zygote``, which has this module imported), it
+contains itself (``containment.enter``; Landlock once it knows its directory), then
+serves requests from its channel one at a time until the channel closes:
 
     Load         → Progress(file) before each file … Loaded(characters, errors)
     ListCharacters → Listed        SystemPrompt → Prompt     GetTools → Tools
     CallTool     → ToolResult      Ping → Pong               anything failing → Failed
 
-Keep this module's imports small: the fork server imports it once and every child
-starts from that copy.
+Keep this module's imports small: the zygote imports it once and every child starts
+from that copy. Nothing may be imported lazily after ``confine``: the server's own
+tree is unreadable from then on.
 """
 
 from __future__ import annotations
 
 import marshal
-import multiprocessing
 import os
+import signal
 import sys
 import traceback
-from multiprocessing.connection import Connection
 from pathlib import Path
 from types import CodeType
 from typing import Any
 
-import msgspec
-
-from . import containment, loader, wire
+from . import containment, landlock, loader, wire
 from .config import ChildLimits
-
-_SHIMS = str(Path(__file__).with_name("shims"))
 
 
 class Child:
     """Request handlers; state is the loaded characters, by name."""
 
-    def __init__(self, fd: int, output: containment.CappedOutput, isolated: bool) -> None:
+    def __init__(self, fd: int, output: containment.CappedOutput, landlocked: bool) -> None:
         self.fd = fd
         self.output = output
-        self.isolated = isolated
+        self.landlocked = landlocked
         self.characters: dict[str, loader.Character] = {}
         self.loaded = False
 
@@ -99,6 +95,11 @@ class Child:
         if self.loaded:
             raise RuntimeError("this sandbox already holds a directory; start a new one")
         self.loaded = True
+        if self.landlocked:
+            try:
+                containment.confine(str(directory))
+            except landlock.LandlockError as exc:
+                raise loader.CharacterError("SandboxError", f"cannot confine: {exc}") from None
         candidates = loader.character_files(directory)
         if len(candidates) > max_characters:
             raise loader.CharacterError(
@@ -185,19 +186,22 @@ class Child:
         return None
 
 
-def main(conn: Connection, encoded_limits: bytes) -> None:
-    """Process target: contain, announce readiness with a Pong, then serve."""
-    limits = msgspec.msgpack.decode(encoded_limits, type=ChildLimits)
-    fd = conn.fileno()
-    parent = multiprocessing.parent_process()
-    sentinel = parent.sentinel if parent is not None else None
-    isolated = containment.enter(limits, sentinel, keep_fds={fd})
-    os.environ["TROUPE_LLM_NAME"] = limits.llm_name
-    output = containment.CappedOutput(limits.output_bytes)
-    sys.stdout = sys.stderr = output
-    sys.path.insert(0, _SHIMS)
-    sys.dont_write_bytecode = True
-    child = Child(fd, output, isolated)
-    wire.write_frame(fd, wire.Pong(id=0, pid=os.getpid()))
-    child.serve()
-    os._exit(0)
+def main(
+    channel: int, limits: ChildLimits, seccomp_program: bytes | None, namespaces: list[str]
+) -> None:
+    """Process body (never returns): contain, announce readiness with a Pong, serve."""
+    signal.set_wakeup_fd(-1)
+    for number in (signal.SIGCHLD, signal.SIGINT):
+        signal.signal(number, signal.SIG_DFL)
+    try:
+        protections = namespaces + containment.enter(limits, channel, seccomp_program)
+        os.environ["TROUPE_LLM_NAME"] = limits.llm_name
+        output = containment.CappedOutput(limits.output_bytes)
+        sys.stdout = sys.stderr = output
+        sys.path.insert(0, containment.SHIMS)
+        sys.dont_write_bytecode = True
+        child = Child(channel, output, "landlock" in protections)
+        wire.write_frame(channel, wire.Pong(id=0, pid=os.getpid(), protections=protections))
+        child.serve()
+    finally:
+        os._exit(0)

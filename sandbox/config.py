@@ -18,7 +18,8 @@ class ChildLimits(msgspec.Struct, frozen=True):
     file_size_mb: int = 1
     open_files: int = 64
     processes: int = 64
-    """RLIMIT_NPROC; counted per user, so it mostly stops fork bombs."""
+    """RLIMIT_NPROC, counted per user (not for root); the seccomp filter refuses every
+    fork, so a child is one process whatever the server's user."""
     output_bytes: int = 64 * 1024
     """stdout + stderr kept per request; a file printing more is reported as a flood."""
     safe_env: tuple[str, ...] = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
@@ -43,3 +44,10 @@ class SandboxConfig(msgspec.Struct, frozen=True):
     """Idle children kept started so that sessions and reloads never wait for a boot."""
     max_restarts_per_load: int = 8
     """Children a single reload may use up on files that kill them."""
+    idle_cpu_seconds: float = 0.5
+    """CPU a loaded child may burn between requests within ``idle_check_interval``
+    (a thread or a finaliser left running); more, and it is killed."""
+    idle_check_interval: float = 2.0
+    require_protections: bool = False
+    """Refuse to start unless every protection of ``containment.ALL_PROTECTIONS`` is
+    in force (``--require-sandbox``)."""

@@ -1,16 +1,18 @@
-"""The walls a child puts up around itself before it runs character code.
+"""The walls around a sandbox child, put up before any character code runs.
 
-Called once, first thing in the child, while it still has a single thread:
+    zygote ─fork─▶ outer: unshare(user, pid, network, IPC namespaces) ─fork─▶ child
+                   (exits at once; the child,                     pid 1 of its own
+                    reparented, belongs to the zygote)            PID namespace
+    child: enter()   its own session; stdin/stdout/stderr on /dev/null; environment
+                     cut to ``safe_env``; every fd closed but its channel; rlimits;
+                     not dumpable; the seccomp filter of ``syscalls``
+    child, on Load:  confine(directory): Landlock, read-only access to the directory,
+                     the Python installation and the shims, nothing writable anywhere,
+                     no signal or abstract socket outside itself
 
-- its own session and process group, so the host can kill it with its descendants;
-- stdin from /dev/null, fds 1 and 2 to /dev/null, Python's ``sys.stdout`` and
-  ``sys.stderr`` replaced by a capped capture (returned with each reply);
-- the environment cut down to ``ChildLimits.safe_env``;
-- a new user and network namespace where the kernel allows it (no network, and no
-  capabilities over the server's processes);
-- resource limits on address space, CPU seconds, file size, open files, processes;
-- a watcher thread that kills the process group when the server goes away
-  (``PR_SET_DEATHSIG`` would fire on the fork server's death, not the server's).
+What each wall stops, and what the server reports when the kernel lacks one, is in
+the README's "Security model". ``Protections`` is what a child actually got; the
+pool reads it from the child's first reply.
 """
 
 from __future__ import annotations
@@ -19,16 +21,31 @@ import ctypes
 import io
 import os
 import resource
-import select
-import signal
 import sys
-import threading
+import sysconfig
+from pathlib import Path
 
+from . import landlock, syscalls
 from .config import ChildLimits
 
+_CLONE_NEWIPC = 0x08000000
 _CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
 _PR_SET_DUMPABLE = 4
+
+SHIMS = str(Path(__file__).with_name("shims"))
+
+# What a child may read besides its directory: Python, the libraries it loads, shims.
+_SYSTEM_TREES = ("/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib",
+                 "/usr/share/zoneinfo")
+_SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/dev/null", "/dev/urandom")
+
+# The names ``Protections.active`` may hold, in the order the README explains them.
+ALL_PROTECTIONS = (
+    "user_namespace", "pid_namespace", "network_namespace", "ipc_namespace",
+    "seccomp", "landlock", "landlock_scopes", "rlimits",
+)
 
 
 class OutputLimitExceeded(Exception):
@@ -62,25 +79,73 @@ class CappedOutput(io.TextIOBase):
         return text, overflowed
 
 
-def enter(limits: ChildLimits, parent_sentinel: int | None, keep_fds: set[int]) -> bool:
-    """Contain the current process. Returns whether the network namespace was entered."""
+def unshare_namespaces(isolate_network: bool) -> list[str]:
+    """In the zygote's first fork: new user, PID, IPC (and network) namespaces, so that
+    the next fork is pid 1 of a namespace holding nothing else. Falls back to fewer
+    when the kernel refuses; returns the namespaces entered."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    wanted = [("user_namespace", _CLONE_NEWUSER), ("pid_namespace", _CLONE_NEWPID),
+              ("ipc_namespace", _CLONE_NEWIPC)]
+    if isolate_network:
+        wanted.append(("network_namespace", _CLONE_NEWNET))
+    flags = 0
+    for _, flag in wanted:
+        flags |= flag
+    if libc.unshare(flags) == 0:
+        return [name for name, _ in wanted]
+    entered = []
+    for name, flag in wanted:  # one at a time: keep what the kernel allows
+        if libc.unshare(flag) == 0:
+            entered.append(name)
+    return entered
+
+
+def enter(limits: ChildLimits, channel: int, seccomp_program: bytes | None) -> list[str]:
+    """Contain the current process (single-threaded, first thing in the child).
+    Returns the protections in force, beside the namespaces."""
     os.setsid()
     _redirect_standard_fds()
     _scrub_environment(limits.safe_env)
-    isolated = limits.isolate_network and _unshare_network()
-    _close_other_fds(keep_fds | ({parent_sentinel} if parent_sentinel is not None else set()))
-    if parent_sentinel is not None:
-        _watch_parent(parent_sentinel)
+    _close_other_fds({channel})
     _set_rlimits(limits)
-    return isolated
+    ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    active = ["rlimits"]
+    if seccomp_program is not None:
+        try:
+            syscalls.install(seccomp_program)
+            active.append("seccomp")
+        except OSError:
+            pass  # reported: the pool sees "seccomp" missing
+    abi = landlock.abi_version()
+    if abi >= 1:
+        active.append("landlock")
+    if abi >= 6:
+        active.append("landlock_scopes")
+    return active
+
+
+def confine(directory: str) -> None:
+    """Landlock: from now on this process reads only ``directory``, the Python
+    installation, the system libraries and the shims, and writes nowhere. Raises
+    ``landlock.LandlockError`` when the kernel has no Landlock."""
+    landlock.restrict(
+        read_trees=[directory, SHIMS, *_python_trees(), *_SYSTEM_TREES],
+        read_files=_SYSTEM_FILES,
+    )
 
 
 def make_host_undumpable() -> None:
-    """Stop same-user processes (sandbox children included) from reading our memory
-    and ``/proc/<pid>/environ``: only a holder of CAP_SYS_PTRACE may, and children in
-    their own user namespace hold none over us."""
+    """Stop same-user processes from reading our memory and ``/proc/<pid>/environ``:
+    only a holder of CAP_SYS_PTRACE may, and sandbox children hold none over us."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _python_trees() -> list[str]:
+    paths = sysconfig.get_paths()
+    trees = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    trees.add(os.path.join(sys.base_prefix, "lib"))
+    return sorted(trees)
 
 
 def _redirect_standard_fds() -> None:
@@ -97,11 +162,6 @@ def _scrub_environment(safe: tuple[str, ...]) -> None:
             del os.environ[name]
 
 
-def _unshare_network() -> bool:
-    libc = ctypes.CDLL(None, use_errno=True)
-    return bool(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0)
-
-
 def _close_other_fds(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -112,14 +172,6 @@ def _close_other_fds(keep: set[int]) -> None:
                 pass  # the fd of the listdir itself, already closed
 
 
-def _watch_parent(sentinel: int) -> None:
-    def watch() -> None:
-        select.select([sentinel], [], [])
-        os.killpg(0, signal.SIGKILL)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def _set_rlimits(limits: ChildLimits) -> None:
     mib = 1024 * 1024
     wanted = {
@@ -128,6 +180,7 @@ def _set_rlimits(limits: ChildLimits) -> None:
         resource.RLIMIT_FSIZE: limits.file_size_mb * mib,
         resource.RLIMIT_NOFILE: limits.open_files,
         resource.RLIMIT_NPROC: limits.processes,
+        resource.RLIMIT_CORE: 0,
     }
     for which, value in wanted.items():
         _, hard = resource.getrlimit(which)

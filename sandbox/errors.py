@@ -4,6 +4,7 @@
     ├── SandboxCrashed     the child died or broke the protocol during a call
     ├── SandboxTimeout     a call or a whole load missed its deadline
     ├── LoadFailed         the directory as a whole could not be loaded
+    ├── SandboxUnavailable no child can start, or protections required are missing
     └── CallFailed         character code raised; the child is fine
 
 After ``SandboxCrashed`` and ``SandboxTimeout`` the sandbox has already been restarted
@@ -30,6 +31,10 @@ class SandboxCrashed(SandboxError):
 
 class SandboxTimeout(SandboxError):
     error_type = "Timeout"
+
+
+class SandboxUnavailable(SandboxError):
+    error_type = "Unavailable"
 
 
 class LoadFailed(SandboxError):

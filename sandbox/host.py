@@ -20,12 +20,22 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from . import wire
 from .errors import CallFailed, LoadFailed, SandboxCrashed, SandboxTimeout
 from .pool import Pool
 from .process import ChildDied, ChildProcess
+
+
+_R = TypeVar("_R", bound=wire.Message)
+
+
+def died_how(child: ChildProcess, died: ChildDied) -> str:
+    """How a child ended: its exit status once reaped, else what broke."""
+    if child.exitcode is not None and not str(died).startswith("it "):
+        return child.exit_description()
+    return str(died)
 
 
 class LoadReport:
@@ -90,32 +100,31 @@ class Sandbox:
             return self.report
 
     async def list(self) -> builtins.list[wire.CharacterInfo]:
-        reply = await self._call(lambda id: wire.ListCharacters(id=id), "list")
-        assert isinstance(reply, wire.Listed)
+        reply = await self._call(lambda id: wire.ListCharacters(id=id), "list", wire.Listed)
         return reply.characters
 
     async def system_prompt(self, name: str) -> str:
-        reply = await self._call(lambda id: wire.SystemPrompt(id=id, name=name), "system_prompt")
-        assert isinstance(reply, wire.Prompt)
+        reply = await self._call(
+            lambda id: wire.SystemPrompt(id=id, name=name), "system_prompt", wire.Prompt
+        )
         return reply.text
 
     async def tools(self, name: str) -> builtins.list[dict[str, Any]]:
-        reply = await self._call(lambda id: wire.GetTools(id=id, name=name), "tools")
-        assert isinstance(reply, wire.Tools)
+        reply = await self._call(lambda id: wire.GetTools(id=id, name=name), "tools", wire.Tools)
         return reply.tools
 
     async def call_tool(self, name: str, tool: str, arguments: dict[str, Any]) -> str:
         reply = await self._call(
-            lambda id: wire.CallTool(id=id, name=name, tool=tool, arguments=arguments), "call_tool"
+            lambda id: wire.CallTool(id=id, name=name, tool=tool, arguments=arguments),
+            "call_tool", wire.ToolResult,
         )
-        assert isinstance(reply, wire.ToolResult)
         return reply.result
 
     async def ping(self) -> int:
-        """The child's pid, once it answered."""
-        reply = await self._call(lambda id: wire.Ping(id=id), "ping")
-        assert isinstance(reply, wire.Pong)
-        return reply.pid
+        """The child's pid (as the server sees it), once it answered."""
+        await self._call(lambda id: wire.Ping(id=id), "ping", wire.Pong)
+        assert self._child is not None  # our own invariant: _call leaves a child in place
+        return self._child.pid
 
     async def close(self) -> None:
         async with self._lock:
@@ -172,11 +181,12 @@ class Sandbox:
         running = False
         file_timeout = self._config.file_timeout
         current = "__init__.py"
+        replies = child.expect(request.id)
         try:
             await child.send_frame(request)
             async with asyncio.timeout(file_timeout) as deadline:
                 while True:
-                    reply = await child.receive()
+                    reply = await child.receive(replies)
                     match reply:
                         case wire.Progress(file=file, running=is_running):
                             current, running = file, running or is_running
@@ -191,7 +201,8 @@ class Sandbox:
                             self._report_output(reply.output)
                             raise LoadFailed(message, error_type)
                         case _:
-                            raise ChildDied(f"sent {type(reply).__name__} during a load")
+                            child.kill_now(f"it sent {type(reply).__name__} during a load")
+                            raise ChildDied(child.dead_reason)
         except TimeoutError:
             self._observer.timed_out(self.label, f"{directory}/{current}")
             raise _FileKilledChild(
@@ -203,7 +214,7 @@ class Sandbox:
             ) from None
         except ChildDied as died:
             await child.wait_exit(1.0)
-            how = child.exit_description() if child.process.exitcode is not None else str(died)
+            how = died_how(child, died)
             self._observer.crashed(self.label, f"{directory}/{current}: {how}")
             raise _FileKilledChild(
                 wire.FileError(
@@ -212,17 +223,28 @@ class Sandbox:
                     message=f"killed the sandbox interpreter while loading: {how}",
                 )
             ) from None
+        finally:
+            child.finish(request.id)
 
-    async def _call(self, make: Any, method: str) -> wire.Reply:
+    async def _call(self, make: Any, method: str, expected: type[_R]) -> _R:
+        """One request under ``call_timeout``. A missed deadline, a dead child or a
+        reply of the wrong type: kill, restart on the same directory, raise. A caller
+        cancelled mid-call costs nothing: the child's late reply is dropped."""
         async with self._lock:
             if self._child is None or self._directory is None:
                 await self._restart("the sandbox was not running")
             child = self._child
-            assert child is not None
+            assert child is not None  # our own invariant: _restart sets it or raises
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._config.call_timeout):
                     reply = await child.request(make(child.next_id()))
+                if not isinstance(reply, expected | wire.Failed):
+                    child.kill_now(
+                        f"it answered {method} with {type(reply).__name__}, "
+                        f"not {expected.__name__}"
+                    )
+                    raise ChildDied(child.dead_reason)
             except TimeoutError:
                 self._observer.timed_out(self.label, method)
                 await self._restart(f"{method} timed out")
@@ -232,7 +254,7 @@ class Sandbox:
                 ) from None
             except ChildDied as died:
                 await child.wait_exit(1.0)
-                how = child.exit_description() if child.process.exitcode is not None else str(died)
+                how = died_how(child, died)
                 self._observer.crashed(self.label, f"{method}: {how}")
                 await self._restart(f"{method} crashed")
                 raise SandboxCrashed(

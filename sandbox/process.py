@@ -1,158 +1,222 @@
-"""Host side of one child process: start it, talk to it, kill and reap it.
+"""Host side of the children: the zygote that forks them, and one child's channel.
 
-    ChildProcess.spawn()  ── thread: Process.start() via the fork server ──▶ child
-         │                                                                    │
-         ├─ request(Ping) ── wire.encode ─▶ socketpair ─▶ child.serve() ──────┤
-         │◀─ FrameBuffer ◀─ loop.add_reader ◀──────── wire.write_frame ◀──────┘
-         └─ kill(): SIGKILL to the child's process group, wait on the sentinel,
-            close every fd (the fork server reaps the pid itself)
+    Spawner.start()  python -I -c "sandbox.zygote.main(fd)", scrubbed environment,
+                     one end of a SEQPACKET socket pair inherited (the only door)
+    Spawner.spawn()  ── Spawn + channel fd ─▶ zygote ─▶ child
+                     ◀─ Spawned(pid) + pidfd ─┘  later ◀─ Exited(pid, code)
+    ChildProcess     requests out on the channel, replies in through loop.add_reader,
+                     matched to their request by id; kill() = pidfd SIGKILL + reap
 
-The child is untrusted: replies are decoded with a typed decoder, oversized or
-undecodable frames and replies to the wrong request count as the child dying.
+The child is untrusted: replies are decoded with a typed decoder; an oversized or
+undecodable frame, or a reply to an id never asked, counts as the child dying. A
+caller that goes away (cancelled) leaves its request behind as *abandoned*: the
+child's late answer is dropped, never handed to the next caller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import io
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import signal
 import socket
+import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from multiprocessing import context, popen_forkserver, reduction, resource_tracker, util
-from multiprocessing.connection import Connection
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
-from . import child, wire
+from . import wire, zygote
 from .config import ChildLimits
 
-_context = multiprocessing.get_context("forkserver")
-# forkserver_init comes last: it freezes what the others imported.
-_context.set_forkserver_preload(["sandbox.child", "sandbox.forkserver_init"])
-_forkserver_lock = threading.Lock()
-_forkserver_users = 0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_ZYGOTE_BOOT = "import sys; sys.path.insert(0, {root!r}); from sandbox.zygote import main; main({fd})"
 
 
-class _LeanPopen(popen_forkserver.Popen):
-    """The fork server's Popen, minus re-running the server's main module in the child.
-
-    The stock launch sends ``spawn.get_preparation_data()``, which makes every child
-    re-import ``__main__`` when it is a file (a ``pytest`` or script entry point): 100+
-    ms and tens of MiB per child (CPython gh-137996), and a script's side effects run
-    in the sandbox. Children only need ``sandbox.child``, which the fork server has
-    preloaded, so they get the bare preparation data instead. The rest mirrors
-    ``popen_forkserver.Popen._launch`` of CPython 3.11-3.13.
-    """
-
-    def _launch(self, process_obj: Any) -> None:
-        prep_data = {
-            "name": process_obj._name,
-            "authkey": bytes(multiprocessing.current_process().authkey),
-            "sys_path": list(sys.path),
-            "dir": os.getcwd(),
-            "start_method": "forkserver",
-        }
-        buf = io.BytesIO()
-        context.set_spawning_popen(self)
-        try:
-            reduction.dump(prep_data, buf)
-            reduction.dump(process_obj, buf)
-        finally:
-            context.set_spawning_popen(None)
-        self.sentinel, w = multiprocessing.forkserver.connect_to_new_process(
-            self._fds  # type: ignore[attr-defined]  # set by popen_forkserver.Popen.__init__
-        )
-        parent_w = os.dup(w)  # the child's parent sentinel: closes when we close it
-        self.finalizer = util.Finalize(
-            self, util.close_fds, (parent_w, self.sentinel)  # type: ignore[attr-defined]
-        )
-        with open(w, "wb", closefd=True) as pipe:
-            pipe.write(buf.getbuffer())
-        self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
-
-
-class _SandboxProcess(_context.Process):  # type: ignore[misc,name-defined]
-    @staticmethod
-    def _Popen(process_obj: Any) -> _LeanPopen:
-        return _LeanPopen(process_obj)
+_T = TypeVar("_T")
+_Started = tuple[int, int, "asyncio.Future[int | None]"]
+"""pid, pidfd, exit code to come."""
 
 
 class ChildDied(Exception):
-    """The channel closed or the child broke the protocol; ``reason`` says how."""
+    """The channel closed or the child broke the protocol; the message says how."""
 
 
-def start_forkserver(safe_env: tuple[str, ...]) -> None:
-    """Start the fork server (once per server process) with a scrubbed environment,
-    so that no child, not even through ``/proc/self/environ``, sees our secrets."""
-    global _forkserver_users
-    with _forkserver_lock:
-        _forkserver_users += 1
-        saved = dict(os.environ)
+class SpawnerGone(Exception):
+    """The zygote is not running (it died, or was never started)."""
+
+
+class Spawner:
+    """The server's end of its zygote. Restarted on the next spawn if it dies."""
+
+    def __init__(self, safe_env: tuple[str, ...], on_death: Callable[[], None]) -> None:
+        self._safe_env = safe_env
+        self._on_death = on_death
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._pending: collections.deque[asyncio.Future[_Started]] = collections.deque()
+        self._exits: dict[int, asyncio.Future[int | None]] = {}
+        self._lock = asyncio.Lock()
+        self._decoder = msgspec.msgpack.Decoder(zygote.FromZygote)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start the zygote (blocks ~50 ms while Python starts; once per server)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        environment = {name: os.environ[name] for name in self._safe_env if name in os.environ}
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-c",
+                 _ZYGOTE_BOOT.format(root=_PACKAGE_ROOT, fd=theirs.fileno())],
+                env=environment, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                cwd="/",
+            )
+        ours.setblocking(False)
+        self._control = ours
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
+
+    async def spawn(self, limits: ChildLimits) -> ChildProcess:
+        """A new child (not yet known to be ready)."""
+        async with self._lock:
+            if self._control is None:
+                self.start()
+            control = self._control
+            assert control is not None  # start() set it
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            answer: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
+            self._pending.append(answer)
+            with theirs:
+                try:
+                    zygote.send(control, zygote.Spawn(limits=limits), theirs.fileno())
+                except OSError as exc:
+                    self._pending.remove(answer)
+                    ours.close()
+                    self._gone(f"the zygote's socket broke: {exc}")
+                    raise SpawnerGone(str(exc)) from None
         try:
-            os.environ.clear()
-            os.environ.update({name: saved[name] for name in safe_env if name in saved})
-            multiprocessing.forkserver.ensure_running()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+            pid, pidfd, exited = await answer  # cancelled: _on_readable kills the child
+        except BaseException:
+            ours.close()
+            raise
+        ours.setblocking(False)
+        return ChildProcess(pid, pidfd, ours, exited)
 
+    def close(self) -> None:
+        """Stop the zygote: it kills the children it still has, and exits."""
+        self._gone("the sandbox pool closed")
+        if self._process is not None:
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
 
-def release_forkserver() -> None:
-    """Stop and reap the fork server (and its resource tracker) once its last user is
-    done with it, so that neither outlives the server nor lingers as a zombie where
-    pid 1 does not reap."""
-    global _forkserver_users
-    with _forkserver_lock:
-        _forkserver_users -= 1
-        if _forkserver_users == 0:
-            multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
-            # The fork server started a resource tracker beside it; we use no shared
-            # resources it would track, so it goes too.
-            resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
+    def _on_readable(self) -> None:
+        control = self._control
+        if control is None:
+            return
+        while True:
+            try:
+                data, ancillary, _, _ = control.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._gone(f"the zygote's socket broke: {exc}")
+                return
+            if not data:
+                self._gone("the zygote exited")
+                return
+            fd = zygote.receive_fd(ancillary)
+            try:
+                message = self._decoder.decode(data)
+            except msgspec.DecodeError:
+                message = zygote.SpawnFailed(message="the zygote sent an undecodable message")
+            match message:
+                case zygote.Spawned(pid=pid) if fd is not None and self._pending:
+                    future = self._pending.popleft()
+                    if future.done():  # the caller went away: nobody will use it
+                        _kill_pidfd(fd)
+                        os.close(fd)
+                    else:
+                        # Resolved with the child's exit code (minus the signal) once it
+                        # is reaped, or None if the zygote dies before telling.
+                        exited = self._exits[pid] = asyncio.get_running_loop().create_future()
+                        future.set_result((pid, fd, exited))
+                case zygote.SpawnFailed(message=text) if self._pending:
+                    if fd is not None:
+                        os.close(fd)
+                    future = self._pending.popleft()
+                    if not future.done():
+                        future.set_exception(SpawnerGone(text))
+                case zygote.Exited(pid=pid, code=code) if pid in self._exits:
+                    _resolve(self._exits.pop(pid), code)
+                case _:
+                    if fd is not None:
+                        os.close(fd)
 
-
-_reaping: set[asyncio.Future[None]] = set()
-"""Reaps in progress, kept here so that a cancelled ``kill`` still finishes its own."""
+    def _gone(self, reason: str) -> None:
+        """The zygote is unusable: fail what waits on it; the pool kills the children."""
+        control, self._control = self._control, None
+        if control is None:
+            return
+        with contextlib.suppress(ValueError, RuntimeError):
+            asyncio.get_running_loop().remove_reader(control.fileno())
+        control.close()
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(SpawnerGone(reason))
+        exits, self._exits = self._exits, {}
+        for future in exits.values():
+            _resolve(future, None)
+        if self._process is not None and self._process.poll() is not None:
+            self._process = None
+        self._on_death()
 
 
 class ChildProcess:
     """One started child and its channel. One request at a time (callers serialise)."""
 
-    def __init__(self, process: Any, conn: Connection) -> None:
-        self.process = process
-        self.pid: int = process.pid
-        self._conn = conn
-        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
-        self._sock.setblocking(False)
+    def __init__(
+        self, pid: int, pidfd: int, channel: socket.socket, exited: asyncio.Future[int | None]
+    ) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+        self._sock = channel
+        self._exited = exited
         self._loop = asyncio.get_running_loop()
         self._frames = wire.FrameBuffer()
-        self._replies: asyncio.Queue[wire.Reply | None] = asyncio.Queue()
+        self._waiting: dict[int, asyncio.Queue[wire.Reply | None]] = {}
+        self._abandoned: set[int] = set()
         self.dead_reason: str | None = None
-        self._next_id = 1
+        self.protections: list[str] = []
+        self.requests = 0
+        """Requests sent so far (the idle-CPU watchdog tells work from idling by it)."""
+        self._next_id = 0
         self._closed = False
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     @classmethod
-    async def spawn(
-        cls, limits: ChildLimits, executor: ThreadPoolExecutor, ready_timeout: float
-    ) -> ChildProcess:
-        """Start a child through the fork server and wait for its first Pong."""
-        process, conn = await asyncio.get_running_loop().run_in_executor(
-            executor, _start_process, msgspec.msgpack.encode(limits)
-        )
-        started = cls(process, conn)
+    async def spawn(cls, spawner: Spawner, limits: ChildLimits, ready_timeout: float
+                    ) -> ChildProcess:
+        """Start a child through the zygote and wait for its first Pong."""
+        started = await spawner.spawn(limits)
         try:
             async with asyncio.timeout(ready_timeout):
-                reply = await started.receive()
+                replies = started.expect(0)
+                reply = await started.receive(replies)
             if not isinstance(reply, wire.Pong):
-                raise ChildDied(f"sent {type(reply).__name__} instead of its ready Pong")
+                started._die(f"sent {type(reply).__name__} instead of its ready Pong")
+                raise ChildDied(started.dead_reason)
+            started.finish(0)
+            started.protections = reply.protections
         except BaseException:
             await started.kill()
             raise
@@ -162,9 +226,36 @@ class ChildProcess:
     def alive(self) -> bool:
         return self.dead_reason is None and not self._closed
 
+    @property
+    def exitcode(self) -> int | None:
+        """The exit code once the zygote reaped the child (minus the killing signal)."""
+        if self._exited.done() and not self._exited.cancelled():
+            return self._exited.result()
+        return None
+
+    @property
+    def busy(self) -> bool:
+        """A request is in flight."""
+        return bool(self._waiting)
+
     def next_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+    def expect(self, request_id: int) -> asyncio.Queue[wire.Reply | None]:
+        """Start waiting for replies to ``request_id`` (before sending it)."""
+        replies: asyncio.Queue[wire.Reply | None] = asyncio.Queue()
+        self.requests += 1
+        if self.dead_reason is not None:
+            replies.put_nowait(None)
+        self._waiting[request_id] = replies
+        return replies
+
+    def finish(self, request_id: int, *, answered: bool = True) -> None:
+        """Stop waiting for ``request_id``. Unanswered, its late replies are dropped."""
+        self._waiting.pop(request_id, None)
+        if not answered:
+            self._abandoned.add(request_id)
 
     async def send_frame(self, message: wire.Message) -> None:
         if not self.alive:
@@ -175,27 +266,31 @@ class ChildProcess:
             self._die(f"the channel broke while sending: {exc}")
             raise ChildDied(self.dead_reason) from exc
 
-    async def receive(self) -> wire.Reply:
-        """The next reply. Raises ``ChildDied``."""
-        if self.dead_reason is not None and self._replies.empty():
-            raise ChildDied(self.dead_reason)
-        reply = await self._replies.get()
+    async def receive(self, replies: asyncio.Queue[wire.Reply | None]) -> wire.Reply:
+        """The next reply on ``replies`` (from ``expect``). Raises ``ChildDied``."""
+        reply = await replies.get()
         if reply is None:
             raise ChildDied(self.dead_reason or "the channel closed")
         return reply
 
-    async def request(self, message: wire.Message) -> wire.Reply:
-        """Send ``message`` and return the reply carrying its id. Raises ``ChildDied``."""
-        await self.send_frame(message)
-        reply = await self.receive()
-        if reply.id != getattr(message, "id", None):
-            self._die(f"answered request {reply.id} when {getattr(message, 'id', None)} was asked")
-            raise ChildDied(self.dead_reason)
-        return reply
+    async def request(self, message: wire.Request) -> wire.Reply:
+        """Send ``message`` and return the reply carrying its id. Raises ``ChildDied``.
+
+        Cancel-safe: cancelled at any point, the request is abandoned and its reply,
+        whenever it comes, is dropped."""
+        replies = self.expect(message.id)
+        answered = False
+        try:
+            await self.send_frame(message)
+            reply = await self.receive(replies)
+            answered = True
+            return reply
+        finally:
+            self.finish(message.id, answered=answered)
 
     def exit_description(self) -> str:
         """How the process ended, for error messages (call after it died)."""
-        code = self.process.exitcode
+        code = self.exitcode
         if code is None:
             return "it stopped answering"
         if code < 0:
@@ -206,25 +301,17 @@ class ChildProcess:
         return f"it exited with code {code}"
 
     async def wait_exit(self, within: float) -> None:
-        """Wait up to ``within`` seconds for the process to end on its own (reads the sentinel)."""
-        waiter = self._loop.create_future()
-        sentinel = self.process.sentinel
-        def exited() -> None:
-            if not waiter.done():
-                waiter.set_result(None)
+        """Wait up to ``within`` seconds for the process to end and be reaped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._exited), within)
 
-        self._loop.add_reader(sentinel, exited)
-        try:
-            async with asyncio.timeout(within):
-                await waiter
-        except TimeoutError:
-            return
-        finally:
-            self._loop.remove_reader(sentinel)
-        self.process.join(0)
+    def kill_now(self, reason: str) -> None:
+        """SIGKILL the child at once (no reaping: ``kill`` does that)."""
+        self._die(reason)
+        _kill_pidfd(self._pidfd)
 
     async def kill(self) -> None:
-        """SIGKILL the child's process group, close the channel, and reap.
+        """SIGKILL the child, close the channel, and wait until it is reaped.
 
         Cancelling the caller does not stop the reaping: it runs in a shielded task
         that the module keeps until the process is gone and its fds are closed.
@@ -233,23 +320,16 @@ class ChildProcess:
             return
         self._closed = True
         self._die("the sandbox killed it")
-        if self.process.exitcode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+        _kill_pidfd(self._pidfd)
         self._sock.close()
-        self._conn.close()
         reaping = asyncio.ensure_future(self._reap())
         _reaping.add(reaping)
         reaping.add_done_callback(_reaping.discard)
         await asyncio.shield(reaping)
 
     async def _reap(self) -> None:
-        if self.process.exitcode is None:
-            await self.wait_exit(5.0)
-        if self.process.exitcode is not None:
-            self.process.close()
+        await self.wait_exit(5.0)
+        os.close(self._pidfd)
 
     def _on_readable(self) -> None:
         try:
@@ -264,25 +344,38 @@ class ChildProcess:
             return
         try:
             for frame in self._frames.feed(data):
-                self._replies.put_nowait(wire.decode_reply(frame))
-        except (wire.FrameTooLarge, msgspec.DecodeError) as exc:
+                self._route(wire.decode_reply(frame))
+        except (wire.FrameTooLarge, msgspec.DecodeError, ChildDied) as exc:
             self._die(f"it broke the protocol: {exc}")
+
+    def _route(self, reply: wire.Reply) -> None:
+        replies = self._waiting.get(reply.id)
+        if replies is not None:
+            replies.put_nowait(reply)
+        elif reply.id in self._abandoned:
+            if wire.is_final(reply):
+                self._abandoned.discard(reply.id)
+        else:
+            raise ChildDied(f"it answered request {reply.id}, which was never asked")
 
     def _die(self, reason: str) -> None:
         if self.dead_reason is None:
             self.dead_reason = reason
-            self._loop.remove_reader(self._sock)
-            self._replies.put_nowait(None)
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._sock.fileno())
+            for replies in self._waiting.values():
+                replies.put_nowait(None)
 
 
-def _start_process(encoded_limits: bytes) -> tuple[Any, Connection]:
-    """Blocking part of a spawn, run in the spawner thread (Process.start blocks 1-30 ms)."""
-    parent_conn, child_conn = _context.Pipe(duplex=True)
-    process = _SandboxProcess(
-        target=child.main, args=(child_conn, encoded_limits), name="troupe-sandbox", daemon=True
-    )
-    try:
-        process.start()
-    finally:
-        child_conn.close()
-    return process, parent_conn
+_reaping: set[asyncio.Future[None]] = set()
+"""Reaps in progress, kept here so that a cancelled ``kill`` still finishes its own."""
+
+
+def _kill_pidfd(pidfd: int) -> None:
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _resolve(future: asyncio.Future[_T], value: _T) -> None:
+    if not future.done():
+        future.set_result(value)

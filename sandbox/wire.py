@@ -153,8 +153,12 @@ class ToolResult(Message):
 
 
 class Pong(Message):
+    """``pid`` is the child's own view (1, in its PID namespace); the first Pong also
+    lists the protections it got (``containment.ALL_PROTECTIONS``)."""
+
     id: int
     pid: int
+    protections: list[str] = []
 
 
 class Failed(Message):
@@ -168,6 +172,11 @@ class Failed(Message):
 
 
 Reply = Progress | Compiled | Loaded | Listed | Prompt | Tools | ToolResult | Pong | Failed
+
+
+def is_final(reply: Reply) -> bool:
+    """Whether ``reply`` ends its request (a Load also sends Progress and Compiled)."""
+    return not isinstance(reply, Progress | Compiled)
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -126,7 +127,7 @@ PromptGenerator.handle_tool_call = _handle
     second = await sandbox.call_tool("Counter", "count", {"step": 3})
 
     assert [tool["function"]["name"] for tool in tools] == ["count"]
-    assert first.split() == ["2", "in", str(sandbox.pid)]
+    assert first.split() == ["2", "in", "1"]  # pid 1 of the sandbox's own PID namespace
     assert second.startswith("5 in ")
     assert sandbox.pid != os.getpid()
     with pytest.raises(CallFailed, match="no tool named"):
@@ -137,14 +138,19 @@ PromptGenerator.handle_tool_call = _handle
 async def test_child_is_contained(pool: Pool, tmp_path: Path) -> None:
     report = prompt_character("Inspector", """
         import json, os, resource, sys
+        def _is_open(fd):
+            try:
+                return os.fstat(fd) is not None
+            except OSError:
+                return False
         return json.dumps({
             "own_group": os.getpgid(0) == os.getpid(),
             "memory_limit": resource.getrlimit(resource.RLIMIT_AS)[0],
             "open_files": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "file_size": resource.getrlimit(resource.RLIMIT_FSIZE)[0],
-            "stdin": os.readlink("/proc/self/fd/0"),
+            "stdin_is_null": os.fstat(0).st_rdev == os.stat("/dev/null").st_rdev,
             "environment": sorted(os.environ),
-            "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+            "fds": [fd for fd in range(256) if _is_open(fd)],
         })""")
     sandbox = await loaded(pool, write_directory(tmp_path, "d", {"i.py": report}))
 
@@ -154,10 +160,10 @@ async def test_child_is_contained(pool: Pool, tmp_path: Path) -> None:
     assert seen["memory_limit"] == 256 * 1024 * 1024
     assert seen["open_files"] == 64
     assert seen["file_size"] == 1024 * 1024
-    assert seen["stdin"] == "/dev/null"
+    assert seen["stdin_is_null"] is True
     assert set(seen["environment"]) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
                                         "TROUPE_LLM_NAME"}
-    assert len(seen["fds"]) <= 6  # std fds, the channel, the parent sentinel, the listdir
+    assert len(seen["fds"]) == 4  # stdin, stdout, stderr and the channel: nothing else
     await sandbox.close()
 
 
@@ -178,3 +184,77 @@ async def test_closing_kills_and_reaps_the_child(pool: Pool, tmp_path: Path) -> 
 
     assert str(pid) not in os.listdir("/proc")
     assert pid not in pool.live_pids
+
+
+async def test_a_cancelled_call_leaves_no_reply_for_the_next_caller(
+    pool: Pool, tmp_path: Path
+) -> None:
+    """A barge-in cancels the reply that was fetching a prompt: the late answer must be
+    dropped, and the healthy child kept."""
+    slow = prompt_character("Slow", "        import time; time.sleep(0.3); return 'slow'")
+    directory = write_directory(tmp_path, "d", {
+        "slow.py": slow, "quick.py": character_source("Quick", prompt="quick"),
+    })
+    sandbox = await loaded(pool, directory)
+    pid = await sandbox.ping()
+
+    for _ in range(5):
+        asking = asyncio.create_task(sandbox.system_prompt("Slow"))
+        await asyncio.sleep(0.05)
+        asking.cancel()
+        assert await sandbox.system_prompt("Quick") == "quick"
+        assert sorted(c.name for c in await sandbox.list()) == ["Quick", "Slow"]
+
+    assert await sandbox.ping() == pid  # never restarted
+    assert isinstance(pool.observer, Recorder)
+    assert pool.observer.crashes == []
+    await sandbox.close()
+
+
+WIRE_ATTACKS = {
+    "wrong_id": "wire.write_frame(fd, wire.Pong(id=10_000, pid=1))",
+    "wrong_type": "wire.write_frame(fd, wire.Tools(id=self_id(), tools=[]))",
+    "not_a_frame": "os.write(fd, struct.pack('!I', 5) + b'\\xc1\\xc1\\xc1\\xc1\\xc1')",
+    "gigabytes": "os.write(fd, struct.pack('!I', 4_000_000_000))",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(WIRE_ATTACKS))
+async def test_a_child_that_breaks_the_protocol_is_replaced(
+    pool: Pool, tmp_path: Path, attack: str
+) -> None:
+    """Character code writes to its own channel: whatever it sends, the host kills the
+    child, restarts it on the same directory and reports a typed error."""
+    forger = prompt_character("Forger", f"""
+        import os, socket, stat, struct
+        from sandbox import wire
+        fd = next(fd for fd in range(3, 256) if _socket(fd))
+        def self_id():  # the id of the request being served, read off the stack
+            import sys
+            frame = sys._getframe()
+            while frame.f_code.co_name != "serve":
+                frame = frame.f_back
+            return frame.f_locals["request"].id
+        {WIRE_ATTACKS[attack]}
+        import time; time.sleep(0.2)
+        return "forged" """, top="""
+import os, stat
+def _socket(fd):
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+""")
+    directory = write_directory(tmp_path, "d", {
+        "forger.py": forger, "honest.py": character_source("Honest", prompt="honest"),
+    })
+    sandbox = await loaded(pool, directory)
+    first = await sandbox.ping()
+
+    with pytest.raises(SandboxCrashed, match="protocol|answered|never asked"):
+        await sandbox.system_prompt("Forger")
+
+    assert await sandbox.system_prompt("Honest") == "honest"
+    assert await sandbox.ping() != first
+    assert str(first) not in os.listdir("/proc")
+    await sandbox.close()

@@ -1,0 +1,94 @@
+"""The seccomp filter every sandbox child runs under: the system calls that reach
+beyond its own process are refused with EPERM.
+
+Built once by the zygote with libseccomp (``pyseccomp``), exported as a BPF program,
+and loaded by each child with one ``prctl`` (``install``): no compilation per child.
+
+What is refused, and why (everything else is allowed; the other walls are the PID,
+user, network and IPC namespaces, Landlock and the rlimits):
+
+- new processes and programs: ``fork``, ``vfork``, ``clone`` without
+  ``CLONE_THREAD``, ``execve``; ``clone3`` answers ENOSYS so that libc falls back to
+  ``clone``, whose flags can be checked. Threads stay possible (a thread bomb is
+  bounded by the address-space limit);
+- reaching other processes: ``ptrace``, ``process_vm_readv``/``writev``,
+  ``process_madvise``, ``kcmp``, the ``pidfd_*`` calls;
+- sockets of any family (the child's only channel is the one it was given);
+- file metadata that Landlock does not cover: ``chmod``, ``chown``, extended
+  attributes, timestamps;
+- kernel surface a character never needs: ``io_uring``, ``bpf``, ``perf_event_open``,
+  ``userfaultfd``, keyrings, modules, mounts and namespaces, ``personality``...
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_CLONE_THREAD = 0x00010000
+
+REFUSED = (
+    "fork", "vfork", "execve", "execveat",
+    "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "kcmp",
+    "pidfd_open", "pidfd_getfd", "pidfd_send_signal",
+    "socket", "socketpair",
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
+    "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+    "utime", "utimes", "utimensat", "futimesat",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "bpf", "perf_event_open", "userfaultfd", "fanotify_init",
+    "keyctl", "add_key", "request_key",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
+    "move_mount", "open_tree", "fsopen", "fsmount", "fspick", "mount_setattr",
+    "open_by_handle_at", "name_to_handle_at",
+    "personality", "ioperm", "iopl", "syslog", "acct", "quotactl", "swapon", "swapoff",
+    "reboot", "vhangup", "uselib", "lookup_dcookie",
+)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def build() -> bytes:
+    """The filter as a BPF program. Raises ``OSError``/``ImportError`` when libseccomp
+    is missing."""
+    import pyseccomp as seccomp  # loads libseccomp.so.2
+
+    rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    for name in REFUSED:
+        try:
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        except (OSError, ValueError, RuntimeError):
+            pass  # not a system call on this architecture
+    rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone",
+                   seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
+    rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    with os.fdopen(os.memfd_create("troupe-seccomp"), "w+b") as program:
+        rules.export_bpf(program)
+        program.seek(0)
+        return program.read()
+
+
+def install(program: bytes) -> None:
+    """Load ``program`` (from ``build``) into this process; irreversible, inherited by
+    every thread started afterwards. Raises ``OSError``."""
+    count = len(program) // ctypes.sizeof(_SockFilter)
+    instructions = (_SockFilter * count).from_buffer_copy(program)
+    fprog = _SockFprog(len=count, filter=instructions)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"seccomp filter refused: {os.strerror(error)}")
