@@ -228,10 +228,13 @@ async def reload_voices(request: web.Request) -> web.Response:
 
 async def list_sessions(request: web.Request) -> web.Response:
     token = request.app[CONFIG].admin_token
-    if token is None:
-        raise web.HTTPNotFound(text="the admin API is off; set --admin-token to enable it")
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-    if not secrets.compare_digest(given.encode(), token.encode()):
+    if not token:
+        raise web.HTTPNotFound(text="the admin API is off; set TROUPE_ADMIN_TOKEN (or "
+                               "--admin-token-file) to enable it")
+    # Exactly "Bearer <token>": a bare token or another scheme is refused, not guessed at.
+    expected = f"Bearer {token}".encode()
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if not secrets.compare_digest(given, expected):
         raise web.HTTPUnauthorized(text="send Authorization: Bearer <admin token>")
     sessions = list(request.app[SESSIONS].values())
     pids = [session.characters.sandbox.pid if session.characters.sandbox else None

@@ -162,6 +162,9 @@ async def test_session_list_is_off_without_an_admin_token(server: TestClient) ->
 @pytest.mark.parametrize("headers", [
     pytest.param({}, id="no-token"),
     pytest.param({"Authorization": "Bearer wrong"}, id="wrong-token"),
+    pytest.param({"Authorization": "t"}, id="bare-token"),
+    pytest.param({"Authorization": "Basic t"}, id="other-scheme"),
+    pytest.param({"Authorization": "Bearer t t"}, id="token-and-more"),
 ])
 async def test_session_list_refuses_a_wrong_token(
     make_server: MakeServer, headers: dict[str, str]
