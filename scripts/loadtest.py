@@ -18,7 +18,9 @@ reload scenarios then need ``--characters-root``, a directory inside one of that
 server's ``--allowed-root``s, where the character directories are written (and
 removed afterwards). Only loopback addresses are accepted unless
 ``--allow-non-loopback``. Server memory, CPU and leftover processes are read from
-``/proc`` when the server is a process on this machine.
+``/proc`` when the server is a process on this machine; with ``TROUPE_ADMIN_TOKEN``
+set to the server's admin token, the end of the measured part also asks
+``/v1/sessions`` for the live sessions and their sandboxes' memory.
 
 What a session does (GA dialect, ``?model=``): it connects, waits for
 ``session.created`` and lists its default characters (session start). A streaming
@@ -111,6 +113,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import resource
 import shutil
@@ -199,10 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--characters-root", type=Path, metavar="DIR",
                         help="with --url: a directory inside one of the server's "
                         "--allowed-root, where the generated character directories go")
-    parser.add_argument("--admin-token", metavar="TOKEN",
-                        help="with --url: the server's admin token; at the end of the "
-                        "measured part, /v1/sessions is asked for the live sessions and "
-                        "their sandboxes' memory")
+    # Refused below: a secret on the command line is readable in /proc/<pid>/cmdline.
+    parser.add_argument("--admin-token", nargs="?", const="", help=argparse.SUPPRESS)
     parser.add_argument("--allow-non-loopback", action="store_true",
                         help="accept a --url that is not a loopback address")
     parser.add_argument("--reload-fraction", type=_fraction, default=0.1, metavar="F",
@@ -306,9 +307,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "DIR, a directory inside one of the server's --allowed-root")
         if args.server_arg:
             parser.error("--server-arg only applies with --spawn-server")
-    elif args.characters_root is not None or args.admin_token is not None:
-        parser.error("--characters-root and --admin-token apply to --url; --spawn-server "
-                     "makes its own")
+    elif args.characters_root is not None:
+        parser.error("--characters-root applies to --url; --spawn-server makes its own")
+    if args.admin_token is not None:
+        parser.error("--admin-token is not accepted: a secret on the command line can be "
+                     "read by other processes; with --url, set TROUPE_ADMIN_TOKEN in this "
+                     "script's environment instead")
     if args.characters_root is not None and not args.characters_root.is_dir():
         parser.error(f"--characters-root {args.characters_root} is not a directory")
     if args.wav is not None and not args.wav.is_file():
@@ -392,7 +396,7 @@ async def execute(args: argparse.Namespace, prepared: Prepared,
             log(f"starting the fake backends and python -m server (log {spawned.log_path})")
             target = await spawned.start(http)
         else:
-            target = Target(args.url, args.admin_token)
+            target = Target(args.url, os.environ.get("TROUPE_ADMIN_TOKEN") or None)
             await target.locate(http)
         log(f"{args.scenario} against {target.ws_url}"
             + ("" if target.pid else " (not a local process: no /proc figures)"))

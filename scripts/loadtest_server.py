@@ -4,7 +4,7 @@ that runs already (``--url``), and what its HTTP side and ``/proc`` say about it
     --spawn-server:
       python -m scripts.loadtest_fakes ─▶ fake STT, TTS, LLM on 127.0.0.1 (stdin held)
       python -m server --host 127.0.0.1 --port P --stt/--tts/--llm <the fakes>
-                       --allowed-root <the run's temp dir> --admin-token <random> …
+                       --allowed-root <the run's temp dir> …  (env TROUPE_ADMIN_TOKEN=<random>)
       stop(): SIGTERM the server (it closes its sessions and its sandboxes), wait;
               any process that was ever below it and still runs is an orphan,
               killed by pid; then the fakes (stdin closed, SIGTERM), by pid.

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sandbox import ChildLimits, SandboxConfig
 
@@ -34,20 +34,21 @@ class Config:
     max_reloads_per_minute: int = 30
     max_message_bytes: int = 1024 * 1024
     """Frames above this get a ``message_too_large`` error; the session goes on."""
-    admin_token: str | None = None
+    # Secrets: never in argv (see _SECRETS) and never in a repr that could be logged.
+    admin_token: str | None = field(default=None, repr=False)
     llm: str | None = EMBEDDED
     """Base URL of an OpenAI-compatible chat-completions API, ``embedded`` (SmolLM2
     through llama-cpp-python), or None: the built-in responder."""
     llm_model: str | None = None
-    llm_api_key: str | None = None
+    llm_api_key: str | None = field(default=None, repr=False)
     tts: str | None = EMBEDDED
     """WebSocket URL of a Kyutai TTS (moshi-server), ``embedded`` (piper, eSpeak NG),
     or None: replies are text only."""
-    tts_api_key: str = "public_token"
+    tts_api_key: str = field(default="public_token", repr=False)
     stt: str | None = EMBEDDED
     """WebSocket URL of a Kyutai STT (moshi-server), ``embedded`` (pocketsphinx,
     Silero VAD), or None: audio input is refused."""
-    stt_api_key: str = "public_token"
+    stt_api_key: str = field(default="public_token", repr=False)
     nudge_after: float = 7.0
     """Seconds of silence after a reply before the character speaks again; 0: never."""
     audio_lead: float = 0.5
@@ -70,8 +71,6 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
      "session.characters.reload requests per session per minute"),
     ("--max-message-bytes", "TROUPE_MAX_MESSAGE_BYTES", int,
      "largest client frame accepted; bigger ones get a message_too_large error"),
-    ("--admin-token", "TROUPE_ADMIN_TOKEN", str,
-     "bearer token for GET /v1/sessions (disabled when unset)"),
     ("--log-level", "TROUPE_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
     ("--llm", "TROUPE_LLM", backend,
      "base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:11434/v1 for Ollama), "
@@ -79,16 +78,12 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
      "(a clearly labelled built-in responder answers)"),
     ("--llm-model", "TROUPE_LLM_MODEL", str,
      "model name; may be left out when the endpoint serves exactly one"),
-    ("--llm-api-key", "TROUPE_LLM_API_KEY", str,
-     "API key of the --llm endpoint (never reaches character code)"),
     ("--tts", "TROUPE_TTS", backend,
      "URL of a Kyutai TTS server (moshi-server, e.g. ws://127.0.0.1:8089), 'embedded' "
      "(piper's Joe voice and eSpeak NG), or 'none' (replies are text only)"),
-    ("--tts-api-key", "TROUPE_TTS_API_KEY", str, "kyutai-api-key sent to the --tts server"),
     ("--stt", "TROUPE_STT", backend,
      "URL of a Kyutai STT server (moshi-server, e.g. ws://127.0.0.1:8090), 'embedded' "
      "(pocketsphinx, English, with Silero VAD), or 'none' (audio input is refused)"),
-    ("--stt-api-key", "TROUPE_STT_API_KEY", str, "kyutai-api-key sent to the --stt server"),
     ("--nudge-after", "TROUPE_NUDGE_AFTER", float,
      "seconds of silence after a reply before the character speaks again (0: never)"),
     ("--audio-lead", "TROUPE_AUDIO_LEAD", float,
@@ -112,6 +107,32 @@ _LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
      "model name characters see through get_readable_llm_name()"),
 ]
 
+# (Config field, what it is). A secret never comes from an option's value: the command
+# line is world-readable in /proc/<pid>/cmdline. It comes from TROUPE_<FIELD>, or from
+# the file that --<field>-file or TROUPE_<FIELD>_FILE names.
+_SECRETS: list[tuple[str, str]] = [
+    ("admin_token", "bearer token for GET /v1/sessions (the admin API is off when unset)"),
+    ("llm_api_key", "API key of the --llm endpoint (never reaches character code)"),
+    ("tts_api_key", "kyutai-api-key sent to the --tts server"),
+    ("stt_api_key", "kyutai-api-key sent to the --stt server"),
+]
+_SECRET_FILE_BYTES = 64 * 1024
+
+
+class _SecretInArgv(argparse.Action):
+    """A secret given as an option's value: refused, with where it goes instead."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+        values: Any, option_string: str | None = None,
+    ) -> NoReturn:
+        option = self.option_strings[0]
+        parser.error(
+            f"{option} is not accepted: a secret on the command line can be read by other "
+            f"processes (/proc/<pid>/cmdline); set the environment variable "
+            f"{_variable(self.dest)}, or write the secret to a file and pass {option}-file FILE"
+        )
+
 
 _METAVARS: dict[Any, str] = {int: "N", float: "SECONDS", Path: "DIR", str: "TEXT",
                              backend: "URL|embedded|none"}
@@ -119,7 +140,11 @@ _METAVARS: dict[Any, str] = {int: "N", float: "SECONDS", Path: "DIR", str: "TEXT
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Build a ``Config`` from ``argv`` and ``environ`` (defaults: the real ones).
-    Command-line options win over environment variables."""
+    Command-line options win over environment variables. Secrets come only from the
+    environment or from files (``_SECRETS``).
+
+    Exits through ``parser.error`` (status 2, with what to do) on a bad option, a secret
+    given on the command line, or a secret file that is unreadable or empty."""
     environ = os.environ if environ is None else environ
     defaults, sandbox_defaults = Config(), SandboxConfig()
     parser = argparse.ArgumentParser(
@@ -148,7 +173,25 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         help="a root under which sessions may load custom character directories; "
         "repeat for several (env TROUPE_ALLOWED_ROOTS, separated by ':'; default: none)",
     )
+    secrets = parser.add_argument_group(
+        "secrets", "never on the command line: each comes from its environment variable, "
+        "or from a file (its -file option, or the variable with _FILE appended, naming it) "
+        "that holds the secret; trailing whitespace is stripped")
+    for name, text in _SECRETS:
+        option, variable = "--" + name.replace("_", "-"), _variable(name)
+        secrets.add_argument(
+            option + "-file", type=Path, default=None, metavar="FILE",
+            help=f"a file holding the {text} (env {variable} holding it, or {variable}_FILE "
+            f"naming the file; default: {getattr(defaults, name)})",
+        )
+        parser.add_argument(option, dest=name, nargs="?", action=_SecretInArgv,
+                            help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    secret_values: dict[str, Any] = {
+        name: _secret(parser, name, getattr(args, f"{name}_file"), environ,
+                      getattr(defaults, name))
+        for name, _ in _SECRETS
+    }
     roots = args.allowed_root
     if roots is None:
         roots = [Path(p) for p in environ.get("TROUPE_ALLOWED_ROOTS", "").split(os.pathsep) if p]
@@ -156,9 +199,59 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     sandbox = SandboxConfig(limits=limits, **_values(args, _SANDBOX_OPTIONS))
     return Config(
         **_values(args, _OPTIONS),
+        **secret_values,
         allowed_roots=tuple(root.resolve() for root in roots),
         sandbox=sandbox,
     )
+
+
+def _variable(name: str) -> str:
+    return "TROUPE_" + name.upper()
+
+
+def _secret(
+    parser: argparse.ArgumentParser, name: str, path: Path | None,
+    environ: Mapping[str, str], default: str | None,
+) -> str | None:
+    """The secret ``name``: from ``--<name>-file``, else ``TROUPE_<NAME>``, else the
+    file ``TROUPE_<NAME>_FILE`` names, else ``default``."""
+    variable = _variable(name)
+    if path is not None:
+        return _read_secret(parser, f"--{name.replace('_', '-')}-file {path}", path, variable)
+    if variable in environ and f"{variable}_FILE" in environ:
+        parser.error(f"both {variable} and {variable}_FILE are set; keep one of them")
+    if variable in environ:
+        if not environ[variable].strip():
+            parser.error(f"{variable} is set but empty; give it the secret, or unset it")
+        return environ[variable]
+    if f"{variable}_FILE" in environ:
+        path = Path(environ[f"{variable}_FILE"])
+        return _read_secret(parser, f"{variable}_FILE={path}", path, variable)
+    return default
+
+
+def _read_secret(
+    parser: argparse.ArgumentParser, source: str, path: Path, variable: str
+) -> str:
+    """The secret held in ``path``, trailing whitespace stripped; exits when it cannot
+    be read or is empty (never printing what the file holds)."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        parser.error(f"{source}: cannot read it ({exc.strerror or exc}); name a file this "
+                     f"user can read that holds the secret, or set {variable} instead")
+    if len(data) > _SECRET_FILE_BYTES:
+        parser.error(f"{source} holds more than {_SECRET_FILE_BYTES} bytes; it should "
+                     "hold the secret alone")
+    try:
+        secret = data.decode().rstrip()
+    except UnicodeDecodeError:
+        parser.error(f"{source} is not UTF-8 text; it should hold the secret alone")
+    if not secret:
+        parser.error(f"{source} is empty; write the secret into it (one line), or set "
+                     f"{variable} instead")
+    return secret
 
 
 def _attribute(option: str) -> str:

@@ -302,7 +302,8 @@ def _refused(where: str, exc: aiohttp.WSServerHandshakeError) -> BackendUnavaila
     if exc.status in (401, 403):
         return BackendUnavailable(
             f"{where} refused the API key (HTTP {exc.status}); set the STT API key (sent "
-            f"as the {API_KEY_HEADER} header) to one of the server's authorized_ids")
+            f"as the {API_KEY_HEADER} header; TROUPE_STT_API_KEY or a file named by "
+            f"--stt-api-key-file) to one of the server's authorized_ids")
     if exc.status == 404:
         return BackendUnavailable(
             f"{where} has no {ASR_PATH} (HTTP 404); check the URL and that the server "

@@ -282,8 +282,9 @@ class KyutaiTTS:
         match exc.status:
             case 401 | 403:
                 return BackendUnavailable(
-                    f"{self.name} refused the API key (HTTP {exc.status}); pass one of "
-                    f"its authorized_ids with --tts-api-key")
+                    f"{self.name} refused the API key (HTTP {exc.status}); set "
+                    f"TROUPE_TTS_API_KEY (or a file named by --tts-api-key-file) to one "
+                    f"of its authorized_ids")
             case 404:
                 return BackendUnavailable(
                     f"{self.name} has no such route (HTTP 404); check that --tts points "

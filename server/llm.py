@@ -277,8 +277,8 @@ class OpenAICompatibleLLM:
                     f"--llm at a running OpenAI-compatible server")
             case openai.AuthenticationError() | openai.PermissionDeniedError():
                 return BackendUnavailable(
-                    f"{where} refused the API key ({exc.message}); pass the right one "
-                    f"with --llm-api-key")
+                    f"{where} refused the API key ({exc.message}); set the right one in "
+                    f"TROUPE_LLM_API_KEY (or a file named by --llm-api-key-file)")
             case openai.NotFoundError():
                 return BackendUnavailable(
                     f"{where} has no such model or route ({exc.message}); check "

@@ -251,6 +251,9 @@ def test_help_documents_every_option_with_its_environment_variable(
             continue
         option = "--allowed-root" if field.name == "allowed_roots" else (
             "--" + field.name.replace("_", "-"))
+        if field.name in SECRETS:
+            assert option not in blocks, option
+            option += "-file"
         assert option in blocks, option
         assert f"TROUPE_{field.name.upper()}" in blocks[option], blocks[option]
     for option in ("--call-timeout", "--load-timeout", "--file-timeout",
@@ -259,6 +262,7 @@ def test_help_documents_every_option_with_its_environment_variable(
 
 
 ENVIRONMENT = {"TROUPE_PORT": "9000", "TROUPE_ALLOWED_ROOTS": "/a:/b"}
+SECRETS = ("admin_token", "llm_api_key", "tts_api_key", "stt_api_key")
 
 
 def test_configuration_comes_from_the_environment() -> None:
@@ -282,3 +286,140 @@ def test_backends_default_to_the_embedded_models_and_none_turns_them_off() -> No
 
     assert config.stt is None and config.tts is None
     assert config.llm == "http://127.0.0.1:11434/v1"
+
+
+# ── secrets: from the environment or a file, never the command line ──────────
+
+
+def variable(secret: str) -> str:
+    return "TROUPE_" + secret.upper()
+
+
+def option(secret: str) -> str:
+    return "--" + secret.replace("_", "-")
+
+
+def refused(argv: list[str], environ: dict[str, str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``parse`` says on stderr as it exits with status 2."""
+    with pytest.raises(SystemExit) as exited:
+        parse(argv, environ)
+    assert exited.value.code == 2
+    return " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+@pytest.mark.parametrize("form", ["separate", "equals", "bare"])
+def test_a_secret_on_the_command_line_is_refused_with_where_it_goes(
+    capsys: pytest.CaptureFixture[str], secret: str, form: str
+) -> None:
+    argv = {"separate": [option(secret), "hunter2"], "equals": [f"{option(secret)}=hunter2"],
+            "bare": [option(secret)]}[form]
+
+    message = refused(argv, {}, capsys)
+
+    assert f"{option(secret)} is not accepted" in message
+    assert variable(secret) in message
+    assert f"{option(secret)}-file" in message
+    assert "hunter2" not in message
+
+
+def test_secrets_come_from_the_environment() -> None:
+    config = parse([], {variable(secret): f"{secret}-value" for secret in SECRETS})
+
+    for secret in SECRETS:
+        assert getattr(config, secret) == f"{secret}-value"
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_secrets_come_from_a_file_named_by_option_or_environment(
+    tmp_path: Path, secret: str
+) -> None:
+    path = tmp_path / "secret"
+    path.write_text("s3cret value \n\n")
+
+    by_option = parse([f"{option(secret)}-file", str(path)], {})
+    by_variable = parse([], {f"{variable(secret)}_FILE": str(path)})
+
+    assert getattr(by_option, secret) == getattr(by_variable, secret) == "s3cret value"
+
+
+def test_the_file_option_wins_over_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("from-file\n")
+
+    config = parse(["--admin-token-file", str(path)], {"TROUPE_ADMIN_TOKEN": "from-env"})
+
+    assert config.admin_token == "from-file"
+
+
+def test_unset_secrets_keep_their_defaults() -> None:
+    config = parse([], {})
+
+    assert config.admin_token is None and config.llm_api_key is None
+    assert config.tts_api_key == config.stt_api_key == "public_token"
+
+
+def unreadable(path: Path) -> Path:
+    path.write_text("token\n")
+    path.chmod(0)
+    return path
+
+
+def blank(path: Path) -> Path:
+    path.write_text(" \n\n")
+    return path
+
+
+def binary(path: Path) -> Path:
+    path.write_bytes(b"\xff\xfe")
+    return path
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    pytest.param(lambda path: path, "cannot read it", id="missing"),
+    pytest.param(lambda path: path.parent, "cannot read it", id="directory"),
+    pytest.param(blank, "is empty", id="empty"),
+    pytest.param(binary, "not UTF-8", id="binary"),
+])
+@pytest.mark.parametrize("through", ["option", "environment"])
+def test_a_secret_file_that_gives_no_secret_stops_start_up(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, make: Any, says: str, through: str
+) -> None:
+    path = make(tmp_path / "admin-token")
+    argv, environ = (["--admin-token-file", str(path)], {}) if through == "option" else (
+        [], {"TROUPE_ADMIN_TOKEN_FILE": str(path)})
+
+    message = refused(argv, environ, capsys)
+
+    assert str(path) in message
+    assert says in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_secret_file_stops_start_up(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = unreadable(tmp_path / "admin-token")
+
+    message = refused(["--admin-token-file", str(path)], {}, capsys)
+
+    assert "cannot read it" in message
+    assert "TROUPE_ADMIN_TOKEN" in message
+
+
+@pytest.mark.parametrize("environ", [
+    pytest.param({"TROUPE_ADMIN_TOKEN": ""}, id="empty-variable"),
+    pytest.param({"TROUPE_ADMIN_TOKEN": "a", "TROUPE_ADMIN_TOKEN_FILE": "/f"}, id="both"),
+])
+def test_an_ambiguous_or_empty_secret_variable_stops_start_up(
+    capsys: pytest.CaptureFixture[str], environ: dict[str, str]
+) -> None:
+    message = refused([], environ, capsys)
+
+    assert "TROUPE_ADMIN_TOKEN" in message
+
+
+def test_secrets_stay_out_of_the_configurations_repr() -> None:
+    config = parse([], {variable(secret): f"hidden-{secret}" for secret in SECRETS})
+
+    assert "hidden-" not in repr(config)

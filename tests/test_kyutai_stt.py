@@ -168,6 +168,7 @@ async def test_a_refused_key_says_which_header_to_fix(fake_kyutai_stt: FakeKyuta
             await stt.open()
     assert "kyutai-api-key" in raised.value.message
     assert "authorized_ids" in raised.value.message
+    assert "TROUPE_STT_API_KEY" in raised.value.message
 
 
 async def test_audio_goes_out_as_float32_frames(

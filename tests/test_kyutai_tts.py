@@ -139,7 +139,7 @@ async def test_wrong_api_key(fake_kyutai_tts: FakeKyutaiTTS) -> None:
     client = KyutaiTTS(fake_kyutai_tts.url, api_key="wrong", timeout=10 * SCALE)
     await client.start()
     try:
-        with pytest.raises(BackendUnavailable, match="--tts-api-key") as raised:
+        with pytest.raises(BackendUnavailable, match="TROUPE_TTS_API_KEY") as raised:
             await speak_all(client, stream("hi"))
     finally:
         await client.close()

@@ -333,7 +333,7 @@ async def test_a_refused_api_key_is_not_retried_and_says_which_option(
 ) -> None:
     fake_openai.script(failure(401, "Incorrect API key provided"))
 
-    with pytest.raises(BackendUnavailable, match="--llm-api-key"):
+    with pytest.raises(BackendUnavailable, match="TROUPE_LLM_API_KEY"):
         await reply(llm, user("Hi"))
 
     assert len(fake_openai.requests) == 1
