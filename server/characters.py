@@ -92,6 +92,8 @@ class CharacterSet:
         except BaseException as exc:
             await sandbox.close()
             raise _translate(exc, requested) from None
+        for error in report.errors:  # counted whether or not the set is swapped in
+            metrics.CHARACTER_LOAD_ERRORS.labels(metrics.error_type_label(error.error_type)).inc()
         if not report.characters:
             await sandbox.close()
             raise TroupeError(
@@ -105,8 +107,6 @@ class CharacterSet:
         if self.sandbox is not None:
             self._retired.append(self.sandbox)
         self.sandbox, self.report = sandbox, report
-        for error in report.errors:
-            metrics.CHARACTER_LOAD_ERRORS.labels(error.error_type).inc()
         duration = time.perf_counter() - started
         metrics.CHARACTER_RELOAD_DURATION.observe(duration)
         return Loaded(

@@ -1,11 +1,14 @@
 """Every Prometheus metric of the server (DESIGN.md §7), in one place.
 
 Per-session series carry a ``session_id`` label and are removed by ``forget_session``
-when the session ends, so cardinality stays bounded by the live sessions.
+when the session ends, so cardinality stays bounded by the live sessions. Every other
+label takes its values from a closed set the server chooses: text that clients or
+character code control goes through a mapping such as ``error_type_label`` first.
 """
 
 from __future__ import annotations
 
+import builtins
 import logging
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -27,7 +30,8 @@ CHARACTER_LOAD_PER_SESSION = Counter(
     "character_load_per_session", "Directory loads per session.", ["session_id"]
 )
 CHARACTER_LOAD_ERRORS = Counter(
-    "character_load_errors", "Character files that failed to load, by error type.",
+    "character_load_errors", "Character files that failed to load, by error type "
+    "(see error_type_label).",
     ["error_type"],
 )
 SESSIONS = Counter("sessions", "WebSocket sessions opened.")
@@ -62,6 +66,31 @@ REPLY_FIRST_AUDIO = Histogram(
 WEBSOCKET_EVENTS = Counter(
     "websocket_events", "WebSocket events by type and direction.", ["type", "direction"]
 )
+
+SANDBOX_ERROR_TYPES = frozenset({
+    # The sandbox's own verdicts on a file (DESIGN.md §3, sandbox/loader.py, child.py, host.py).
+    "MissingAttribute", "InvalidAttribute", "MissingPromptGenerator", "InvalidVoiceSource",
+    "InvalidMetadata", "InvalidTools", "MissingToolHandler", "DuplicateName", "ImportError",
+    "SyntaxError", "Timeout", "Crashed", "OutputLimitExceeded", "MemoryLimitExceeded",
+    "PackageError", "TooManyCharacters",
+})
+BUILTIN_ERROR_TYPES = frozenset(
+    name for name, value in vars(builtins).items()
+    if isinstance(value, type) and issubclass(value, BaseException)
+)
+OTHER_ERROR_TYPE = "other"
+
+
+def error_type_label(error_type: str) -> str:
+    """The ``error_type`` label for a file's error: the sandbox's own names and Python's
+    built-in exception names as they are, anything else ``"other"``.
+
+    ``error_type`` is often the class name of whatever the character code raised, so
+    its author chooses it; passed through, random names would each make a series.
+    """
+    if error_type in SANDBOX_ERROR_TYPES or error_type in BUILTIN_ERROR_TYPES:
+        return error_type
+    return OTHER_ERROR_TYPE
 
 
 def forget_session(session_id: str) -> None:
