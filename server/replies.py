@@ -10,8 +10,9 @@ With a TTS, the reply is also spoken: text goes to the TTS as the model writes i
 Opus stream), paced at real time plus a small lead so that a barge-in leaves little
 queued at the client; the OpenAI dialects then get the text as
 ``response.audio_transcript.*``, as OpenAI sends it for spoken replies. Unmute's
-dialect keeps ``response.text.*`` and gets ``unmute.response.text.delta.ready``,
-``unmute.response.audio.delta.ready`` and ``unmute.additional_outputs``.
+dialect keeps ``response.text.*``, each delta one whole word without spaces (``Words``),
+and gets ``unmute.response.text.delta.ready``, ``unmute.response.audio.delta.ready`` and
+``unmute.additional_outputs``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -71,6 +73,7 @@ async def run_reply(
     messages: list[dict[str, Any]] = []
     first_new = 0
     transcript = speaking is not None and not unmute
+    words = Words()
     started = time.perf_counter()
     speech = (_Speech(speaking, send, response_id, item_id, unmute, started)
               if speaking is not None else None)
@@ -97,13 +100,21 @@ async def run_reply(
                     speech.say(delta)
                 if unmute:
                     await send(protocol.TextDeltaReady(delta=delta))
-                await send(
-                    protocol.AudioTranscriptDelta(response_id=response_id, item_id=item_id,
-                                                  delta=delta) if transcript
-                    else protocol.TextDelta(response_id=response_id, item_id=item_id,
-                                            delta=delta))
+                    for word in words.feed(delta):
+                        await send(protocol.TextDelta(response_id=response_id,
+                                                      item_id=item_id, delta=word))
+                else:
+                    await send(
+                        protocol.AudioTranscriptDelta(response_id=response_id,
+                                                      item_id=item_id, delta=delta)
+                        if transcript
+                        else protocol.TextDelta(response_id=response_id, item_id=item_id,
+                                                delta=delta))
         finally:
             conversation.record(messages[first_new:])
+        for word in words.flush():
+            await send(protocol.TextDelta(response_id=response_id, item_id=item_id,
+                                          delta=word))
         if speech is not None:
             await speech.finish()
         if unmute:
@@ -147,6 +158,27 @@ async def run_reply(
         await asyncio.shield(send(protocol.ResponseDone(response=protocol.ResponseInfo(
             id=response_id, status=status, voice=character, output=output))))
     return text if status == "completed" else None
+
+
+class Words:
+    """The model's text cut into whole words, for Unmute's clients: they show each
+    ``response.text.delta`` as one word and put the spaces between them (Unmute sends
+    the words its TTS speaks), so a piece such as ``" d"`` then ``"ont"`` would read
+    "d ont". ``feed`` returns the words a piece completes; ``flush``, the last one."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def feed(self, piece: str) -> list[str]:
+        *done, self._pending = _SPACE.split(self._pending + piece)
+        return [word for word in done if word]
+
+    def flush(self) -> list[str]:
+        word, self._pending = self._pending, ""
+        return [word] if word else []
+
+
+_SPACE = re.compile(r"\s+")
 
 
 class AudioOut(Protocol):

@@ -362,7 +362,8 @@ async def test_the_character_greets_first_in_one_ogg_opus_stream(
         "unmute.response.audio.delta.ready", "response.audio.delta"}
     assert kinds[-3:] == ["unmute.additional_outputs", "response.text.done",
                           "response.audio.done"]
-    said = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    # Unmute's frontend puts the spaces between words; the model's pieces come as is.
+    said = " ".join(e["delta"] for e in events if e["type"] == "response.text.delta")
     ready = "".join(e["delta"] for e in events
                     if e["type"] == "unmute.response.text.delta.ready")
     assert said == ready == events[-2]["text"] == "Hello there, friend."
@@ -414,7 +415,7 @@ async def test_a_spoken_turn_in_ogg_opus_is_transcribed_and_answered(
     assert kinds[-2:] == ["input_audio_buffer.speech_stopped", "response.created"]
     reply_kinds = [e["type"] for e in reply]
     assert "conversation.item.input_audio_transcription.delta" not in reply_kinds
-    assert "".join(e["delta"] for e in reply if e["type"] == "response.text.delta") == (
+    assert " ".join(e["delta"] for e in reply if e["type"] == "response.text.delta") == (
         "Aye, aye.")
     assert reply[-3]["args"]["chat_history"][1:] == [
         {"role": "assistant", "content": "Welcome."},
@@ -435,6 +436,62 @@ async def test_a_spoken_turn_in_ogg_opus_is_transcribed_and_answered(
     decoded = one_ogg_opus_stream(first + second)
     words = 1 + 2  # "Welcome." then "Aye," "aye."
     assert abs(decoded.size - words * fake_kyutai_tts.samples_per_word) < 2 * FRAME_SAMPLES
+
+
+# ── (b2) subtitles in whole words ────────────────────────────────────────────
+
+PIECES = ("Don", "'t", " wor", "ry,", " ", "I'll he", "lp yo", "u.")
+"""A reply as a model streams it: words cut in pieces, spaces leading or alone."""
+SAID = "Don't worry, I'll help you."
+
+
+async def test_unmute_text_deltas_are_whole_words_without_spaces(
+    fake_openai: FakeOpenAI, fake_kyutai_tts: FakeKyutaiTTS, make_server: MakeServer,
+    unmute: Open,
+) -> None:
+    """Unmute's frontend shows each ``response.text.delta`` as a word and joins them
+    with spaces (Unmute sends the words its TTS speaks): pieces would read "Don 't"."""
+    fake_openai.script(text(*PIECES))
+    server = await make_server(llm=fake_openai.base_url, tts=fake_kyutai_tts.url)
+    session = await unmute(server)
+
+    await session.send(HELLO)
+    events = await session.until("response.audio.done")
+
+    kinds = [e["type"] for e in events]
+    words = [e["delta"] for e in events if e["type"] == "response.text.delta"]
+    assert words == ["Don't", "worry,", "I'll", "help", "you."]
+    assert all(word and word == word.strip() for word in words)
+    done = events[kinds.index("response.text.done")]
+    assert " ".join(words) == done["text"] == SAID
+    last_word = len(kinds) - 1 - kinds[::-1].index("response.text.delta")
+    assert last_word < kinds.index("response.text.done")
+    # The model's own pieces still go out as ``unmute.response.text.delta.ready``.
+    assert [e["delta"] for e in events
+            if e["type"] == "unmute.response.text.delta.ready"] == list(PIECES)
+
+
+async def test_openai_text_deltas_stay_the_models_pieces(
+    fake_openai: FakeOpenAI, make_server: MakeServer,
+) -> None:
+    fake_openai.script(text(*PIECES))
+    server = await make_server(llm=fake_openai.base_url)
+    ws = await server.ws_connect("/v1/realtime?model=m", protocols=("realtime",),
+                                 headers={"OpenAI-Beta": "realtime=v1"})
+    try:
+        await ws.send_json({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "Help?"}]}})
+        await ws.send_json({"type": "response.create"})
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["type"] != "response.text.done":
+            events.append(await ws.receive_json(timeout=WITHIN))
+    finally:
+        await ws.close()
+
+    deltas = [e["delta"] for e in events if e["type"] == "response.text.delta"]
+    assert deltas == list(PIECES)
+    assert "".join(deltas) == events[-1]["text"] == SAID
 
 
 # ── (c) nothing outside Unmute's closed union ────────────────────────────────
