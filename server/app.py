@@ -186,8 +186,11 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def voices(request: web.Request) -> web.Response:
+    """Unmute's ``VoiceSample`` list (DESIGN.md §6): its clients forbid other fields and
+    take ``source.path_on_server`` as the id they send back as ``voice``."""
     return web.json_response([
-        {"name": c.name, "good": c.good, "source": c.voice_source}
+        {"name": c.name, "comment": c.comment, "good": c.good,
+         "source": dialects.voice_source(c.name, c.voice_source)}
         for c in request.app[VOICES].characters
         if c.good is True
     ])

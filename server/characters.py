@@ -25,7 +25,7 @@ from sandbox import (
     SandboxTimeout,
 )
 
-from . import directories, metrics
+from . import dialects, directories, metrics
 from .config import Config
 from .errors import ServerSideError, TroupeError
 
@@ -60,9 +60,16 @@ class CharacterSet:
         return self.report.directory if self.report is not None else ""
 
     def find(self, voice: str) -> CharacterInfo | None:
-        """The character named ``voice``, or whose voice path is ``voice``."""
+        """The character named ``voice``, else the one whose voice path is ``voice``:
+        the ``path_on_server`` that ``/v1/voices`` shows for it, or the one its file
+        gives. The TTS still speaks with the character's own ``voice_source``."""
         for character in self.characters:
-            if voice in (character.name, character.voice_source.get("path_on_server")):
+            if character.name == voice:
+                return character
+        for character in self.characters:
+            source = character.voice_source
+            if voice in (dialects.voice_path(character.name, source),
+                         source.get("path_on_server")):
                 return character
         return None
 
