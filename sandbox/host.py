@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import wire
 from .errors import CallFailed, LoadFailed, SandboxCrashed, SandboxTimeout
 from .pool import Pool
 from .process import ChildDied, ChildProcess
-
 
 _R = TypeVar("_R", bound=wire.Message)
 
@@ -51,6 +51,10 @@ class LoadReport:
         self.seconds = seconds
 
 
+class _ChildLost(Exception):
+    """The child was killed for a reason of ours during a load, not by a file."""
+
+
 class _FileKilledChild(Exception):
     def __init__(self, error: wire.FileError) -> None:
         super().__init__(error.message)
@@ -69,6 +73,9 @@ class Sandbox:
         self._excluded: builtins.list[str] = []
         self._max_characters = 100
         self.report: LoadReport | None = None
+        self.on_idle_death: Callable[[str], None] | None = None
+        """Told why, when the child dies between requests (killed for burning CPU
+        while idle, or a thread of character code ended it); the next call restarts it."""
 
     @property
     def pid(self) -> int | None:
@@ -92,7 +99,8 @@ class Sandbox:
                 raise SandboxTimeout(
                     f"loading {directory} took longer than {self._config.load_timeout:g} s"
                 ) from None
-            self._child, self._directory = child, directory
+            self._adopt(child)
+            self._directory = directory
             self._max_characters = max_characters
             self._excluded = [error.file for error in errors]
             self.report = LoadReport(loaded, errors + loaded.errors, time.perf_counter() - started)
@@ -153,6 +161,9 @@ class Sandbox:
             child = await self._pool.acquire()
             try:
                 loaded = await self._load_into(child, directory, exclude, max_characters)
+            except _ChildLost:
+                await self._pool.release(child)
+                continue  # not the files' fault: try again on a fresh child
             except _FileKilledChild as killed:
                 await self._pool.release(child)
                 if killed.error.file == "__init__.py":
@@ -213,6 +224,8 @@ class Sandbox:
                 )
             ) from None
         except ChildDied as died:
+            if child.innocent:
+                raise _ChildLost() from None
             await child.wait_exit(1.0)
             how = died_how(child, died)
             self._observer.crashed(self.label, f"{directory}/{current}: {how}")
@@ -231,7 +244,9 @@ class Sandbox:
         reply of the wrong type: kill, restart on the same directory, raise. A caller
         cancelled mid-call costs nothing: the child's late reply is dropped."""
         async with self._lock:
-            if self._child is None or self._directory is None:
+            if self._child is None or self._directory is None or not self._child.alive:
+                # Never started, or died between requests (already told through
+                # on_idle_death): start afresh on the same directory.
                 await self._restart("the sandbox was not running")
             child = self._child
             assert child is not None  # our own invariant: _restart sets it or raises
@@ -284,8 +299,17 @@ class Sandbox:
             raise SandboxCrashed(
                 f"{why}, and reloading {self._directory} failed ({exc}); reload a directory"
             ) from None
-        self._child = child
+        self._adopt(child)
         self._excluded += [error.file for error in errors]
+
+    def _adopt(self, child: ChildProcess) -> None:
+        self._child = child
+        child.on_idle_death = self._died_idle
+
+    def _died_idle(self, reason: str) -> None:
+        self._observer.crashed(self.label, f"between requests: {reason}")
+        if self.on_idle_death is not None:
+            self.on_idle_death(reason)
 
     def _report_output(self, text: str) -> None:
         if text:

@@ -134,7 +134,7 @@ class Pool:
     def _zygote_died(self) -> None:
         """Children of a dead zygote are killed: it is restarted, scrubbed, on demand."""
         for child in list(self._live):
-            child.kill_now("its zygote died")
+            child.kill_now("its zygote died", innocent=True)
 
     async def _watch_idle_cpu(self) -> None:
         interval = self.config.idle_check_interval
@@ -156,7 +156,6 @@ class Pool:
                         f"it used {seconds:.1f} s of CPU in {interval:g} s while idle "
                         "(a thread or loop left running by character code?)"
                     )
-                    self.observer.crashed("sandbox", f"pid {child.pid}: {child.dead_reason}")
 
 
 def _cpu_ticks(pid: int) -> int:

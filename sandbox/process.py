@@ -33,7 +33,9 @@ from . import wire, zygote
 from .config import ChildLimits
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-_ZYGOTE_BOOT = "import sys; sys.path.insert(0, {root!r}); from sandbox.zygote import main; main({fd})"
+_ZYGOTE_BOOT = (
+    "import sys; sys.path.insert(0, {root!r}); from sandbox.zygote import main; main({fd})"
+)
 
 
 _T = TypeVar("_T")
@@ -174,9 +176,12 @@ class Spawner:
             if not future.done():
                 future.set_exception(SpawnerGone(reason))
         exits, self._exits = self._exits, {}
-        for future in exits.values():
-            _resolve(future, None)
-        if self._process is not None and self._process.poll() is not None:
+        for exit_code in exits.values():
+            _resolve(exit_code, None)
+        if self._process is not None:  # dead or broken: make sure, reap it
+            with contextlib.suppress(OSError):
+                self._process.kill()
+            self._process.wait()
             self._process = None
         self._on_death()
 
@@ -199,6 +204,11 @@ class ChildProcess:
         self.protections: list[str] = []
         self.requests = 0
         """Requests sent so far (the idle-CPU watchdog tells work from idling by it)."""
+        self.innocent = False
+        """Killed for a cause of ours (see ``kill_now``)."""
+        self.on_idle_death: Callable[[str], None] | None = None
+        """Called with the reason when the child dies while no request is in flight
+        (nobody waits to hear it otherwise); not when we kill it."""
         self._next_id = 0
         self._closed = False
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
@@ -305,8 +315,10 @@ class ChildProcess:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._exited), within)
 
-    def kill_now(self, reason: str) -> None:
-        """SIGKILL the child at once (no reaping: ``kill`` does that)."""
+    def kill_now(self, reason: str, *, innocent: bool = False) -> None:
+        """SIGKILL the child at once (no reaping: ``kill`` does that). ``innocent``:
+        the cause is ours (the zygote died), not the character code it was running."""
+        self.innocent = innocent
         self._die(reason)
         _kill_pidfd(self._pidfd)
 
@@ -365,6 +377,8 @@ class ChildProcess:
                 self._loop.remove_reader(self._sock.fileno())
             for replies in self._waiting.values():
                 replies.put_nowait(None)
+            if not self._waiting and not self._closed and self.on_idle_death is not None:
+                self.on_idle_death(reason)
 
 
 _reaping: set[asyncio.Future[None]] = set()

@@ -106,12 +106,12 @@ def main(control_fd: int) -> None:
     gc.freeze()
     try:
         while True:
-            ready, _, _ = select.select([control, wake_read], [], [])
+            ready, _, _ = select.select([control.fileno(), wake_read], [], [])
             if wake_read in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_read, 4096)
             _reap(control, children)
-            if control in ready and not _serve_one(control, children, program):
+            if control.fileno() in ready and not _serve_one(control, children, program):
                 return
     finally:
         for pidfd in children.values():

@@ -38,7 +38,7 @@ What the characters part measures, and how:
   session's sandbox loads first) is answered; then close it. The time to
   ``session.created`` alone is shown beside it.
 - Idle session memory: PSS (``/proc/<pid>/smaps_rollup``) of the server process and of
-  every process below it (the fork server and the sandbox children), before and after
+  every process below it (the zygote and the sandbox children), before and after
   opening K sessions that have each listed their characters, with the pool refilled
   and no retired sandbox alive both times; the delta divided by K. Also the median PSS
   of the sessions' own sandbox children (their pids from the admin API). 1 MB = 1 MiB.
@@ -403,11 +403,11 @@ def descendants(root: int) -> list[int]:
 
 
 def sandbox_children(server_pid: int) -> list[int]:
-    """The running sandbox children: the processes the server's fork server forked."""
+    """The running sandbox children: the processes the server's zygote forked."""
     children = process_tree()
     fork_servers = [
         pid for pid in children.get(server_pid, [])
-        if b"multiprocessing.forkserver" in _cmdline(pid)
+        if b"sandbox.zygote" in _cmdline(pid)
     ]
     return [child for pid in fork_servers for child in children.get(pid, [])]
 
@@ -440,7 +440,7 @@ def memory_kb(pid: int) -> int:
 
 @dataclass(frozen=True)
 class Footprint:
-    """KiB: the server process, and all processes below it (fork server, children)."""
+    """KiB: the server process, and all processes below it (zygote, children)."""
 
     server_kb: int
     sandbox_kb: int
@@ -880,7 +880,7 @@ def table(results: Results) -> list[tuple[str, str, str, str]]:
         info("  session.created alone, p50", results.session_created.p50, "ms"),
         budgeted(f"idle session, PSS ({memory.sessions} open)", "idle_session_mb", "MB"),
         info("  of which server process", memory.server_mb, "MB"),
-        info("  of which fork server + sandbox children", memory.sandbox_mb, "MB"),
+        info("  of which zygote + sandbox children", memory.sandbox_mb, "MB"),
         info("sandbox child PSS, median", memory.child_median_mb, "MB"),
     ]
 

@@ -48,7 +48,7 @@ before they write it, with the same clock, in this process.
   ``start_time``); a session whose transcript never came within the window counts as
   not transcribed. Audio gaps: playing each reply from its first delta, the time the
   player would have run dry. CPU: of this process (server and clients) and of the
-  server's child processes (model workers, fork server, sandbox children).
+  server's child processes (model workers, zygote, sandbox children).
 """
 
 from __future__ import annotations
@@ -682,7 +682,7 @@ class LoadFigures:
     """CPU seconds this process used per wall second during the load."""
     workers_cores: float
     """The same for its child processes alive before the load began (the embedded
-    models' workers, the fork server, the pooled sandbox children)."""
+    models' workers, the zygote, the pooled sandbox children)."""
     seconds: float
 
 
@@ -728,7 +728,7 @@ async def measure_load(question: Question, count: int, llm: str) -> LoadFigures:
 
 async def _check_ended(pids: set[int]) -> None:
     """Raises ``BenchError`` (after killing them) if any of ``pids`` (the in-process
-    server's workers, sandbox children and fork server) outlives its clean-up by 5 s."""
+    server's workers, sandbox children and zygote) outlives its clean-up by 5 s."""
     alive = {pid: stat[2] for pid in pids if (stat := proc_stat(pid)) and stat[1] != "Z"}
     deadline = time.monotonic() + 5.0
     while alive and time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """What ``/proc`` says about a local server: its processes, memory and CPU time.
 
-    server pid ──ppid links──▶ descendants: the fork server, the sandbox children
+    server pid ──ppid links──▶ descendants: the zygote, the sandbox children
     (idle in the pool, or a session's), and any other worker it started
     /proc/<pid>/status VmRSS       resident memory (shared pages counted in full)
     /proc/<pid>/smaps_rollup Pss   proportional share (shared pages split): the
@@ -109,11 +109,11 @@ class Footprint:
     server_pss_mb: float
     children: int
     children_pss_mb: float
-    """Sum over the fork server and every sandbox child (and other workers)."""
+    """Sum over the zygote and every sandbox child (and other workers)."""
     server_cpu_s: float
     children_cpu_s: float
     """CPU time of the processes below, with that of their children that ended (the
-    fork server reaps the sandbox children)."""
+    zygote reaps the sandbox children)."""
 
 
 def footprint(server_pid: int, below: dict[int, Stat] | None = None,

@@ -7,6 +7,8 @@ import sys
 
 from aiohttp import web
 
+from sandbox import SandboxUnavailable
+
 from . import config as config_module
 from .app import create_app
 
@@ -20,12 +22,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not config.characters_dir.is_dir():
         sys.exit(f"--characters-dir {config.characters_dir} is not a directory")
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        print=lambda text: logging.getLogger("server").info(text.strip()),
-    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            print=lambda text: logging.getLogger("server").info(text.strip()),
+        )
+    except SandboxUnavailable as exc:
+        sys.exit(f"not starting: {exc}")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,14 @@ def create_app(config: Config) -> web.Application:
 async def _sandbox_pool(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     pool = Pool(config.sandbox, metrics.MetricsObserver(logging.getLogger("sandbox")))
-    await pool.start()
+    await pool.start()  # raises SandboxUnavailable under --require-sandbox
     app[POOL] = pool
+    if pool.missing_protections:
+        log.warning("sandbox running WEAKER than designed: this kernel lacks %s (in force: "
+                    "%s); see the README's Security model; --require-sandbox refuses to start",
+                    ", ".join(pool.missing_protections), ", ".join(pool.protections))
+    else:
+        log.info("sandbox protections in force: %s", ", ".join(pool.protections))
     voices = CharacterSet(pool, config, "server-wide set")
     app[VOICES] = voices
     try:
@@ -179,6 +185,8 @@ async def health(request: web.Request) -> web.Response:
             "pool_size": pool.config.pool_size,
             "children": len(pool.live_pids),
             "default_set_loaded": voices.sandbox is not None,
+            "protections": pool.protections,
+            "missing": pool.missing_protections,
         },
         "sessions": {"active": len(app[SESSIONS]), "max": app[CONFIG].max_sessions},
     }

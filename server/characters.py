@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sandbox import (
@@ -42,10 +43,16 @@ class Loaded:
 
 
 class CharacterSet:
-    def __init__(self, pool: Pool, config: Config, label: str) -> None:
+    def __init__(
+        self, pool: Pool, config: Config, label: str,
+        on_sandbox_death: Callable[[str], None] | None = None,
+    ) -> None:
         self._pool = pool
         self._config = config
         self.label = label
+        self._on_sandbox_death = on_sandbox_death
+        """Told why when the set's sandbox dies between requests (it restarts on the
+        next one)."""
         self.sandbox: Sandbox | None = None
         self.report: LoadReport | None = None
         self._retired: list[Sandbox] = []
@@ -94,6 +101,7 @@ class CharacterSet:
                 details={"total_files": count, "limit": limit},
             )
         sandbox = Sandbox(self._pool, self.label)
+        sandbox.on_idle_death = self._on_sandbox_death
         try:
             report = await sandbox.start(str(path), limit)
         except BaseException as exc:

@@ -173,6 +173,13 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         help="a root under which sessions may load custom character directories; "
         "repeat for several (env TROUPE_ALLOWED_ROOTS, separated by ':'; default: none)",
     )
+    parser.add_argument(
+        "--require-sandbox", action="store_true",
+        default=environ.get("TROUPE_REQUIRE_SANDBOX", "") not in ("", "0"),
+        help="refuse to start unless every sandbox protection (namespaces, seccomp, "
+        "Landlock with its scopes) is in force on this kernel; without it the server "
+        "starts with what is there and says what is missing (env TROUPE_REQUIRE_SANDBOX=1)",
+    )
     secrets = parser.add_argument_group(
         "secrets", "never on the command line: each comes from its environment variable, "
         "or from a file (its -file option, or the variable with _FILE appended, naming it) "
@@ -196,7 +203,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if roots is None:
         roots = [Path(p) for p in environ.get("TROUPE_ALLOWED_ROOTS", "").split(os.pathsep) if p]
     limits = ChildLimits(**_values(args, _LIMIT_OPTIONS))
-    sandbox = SandboxConfig(limits=limits, **_values(args, _SANDBOX_OPTIONS))
+    sandbox = SandboxConfig(limits=limits, require_protections=args.require_sandbox,
+                            **_values(args, _SANDBOX_OPTIONS))
     return Config(
         **_values(args, _OPTIONS),
         **secret_values,

@@ -59,7 +59,9 @@ class Session:
         self.dialect = dialect
         self.config = config
         self.settings = SessionSettings.initial(self.id, dialect, model)
-        self.characters = CharacterSet(pool, config, f"session {self.id}")
+        self.characters = CharacterSet(pool, config, f"session {self.id}",
+                                       on_sandbox_death=self._sandbox_died)
+        self._notices: set[asyncio.Task[None]] = set()
         self.system_prompt: str | None = None
         self.llm = llm
         self.tts = tts
@@ -114,6 +116,17 @@ class Session:
             await self.ws.send_str(protocol.encode(event))
         except ConnectionError:
             pass  # the client is gone; the receive loop ends on its own
+
+    def _sandbox_died(self, reason: str) -> None:
+        """The sandbox died between requests: tell the client now (it restarts, with
+        the same directory, on the session's next request)."""
+        notice = asyncio.create_task(self.send_error(ServerSideError(
+            "sandbox_crashed",
+            f"the characters' sandbox was stopped: {reason}; it restarts on the next "
+            "request with the same directory",
+        )))
+        self._notices.add(notice)
+        notice.add_done_callback(self._notices.discard)
 
     async def send_error(self, error: TroupeError, event_id: str | None = None) -> None:
         await self.send(protocol.Error(error=protocol.ErrorDetails(

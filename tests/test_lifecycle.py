@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing.forkserver
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -14,12 +13,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import SCALE, Connect, MakeServer, character_source, write_directory
 
-from server.app import SESSIONS
+from server.app import POOL, SESSIONS
 
 
-def forkserver_children() -> set[int]:
-    """Pids of live (not zombie) processes whose parent is our fork server."""
-    server_pid = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+def zygote_children(zygote: int | None) -> set[int]:
+    """Pids of live (not zombie) processes whose parent is the sandbox zygote."""
+    assert zygote is not None, "the pool has no zygote"
     children = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -29,7 +28,7 @@ def forkserver_children() -> set[int]:
         except OSError:
             continue
         state, ppid = stat.rpartition(")")[2].split()[:2]
-        if int(ppid) == server_pid and state != "Z":
+        if int(ppid) == zygote and state != "Z":
             children.add(int(entry.name))
     return children
 
@@ -61,7 +60,8 @@ async def test_open_close_loop_leaves_nothing(
     await warm.names()
     await warm.ws.close()
     assert await eventually(lambda: not server.app[SESSIONS])
-    baseline_children, baseline_fds = forkserver_children(), open_fds()
+    zygote = server.app[POOL].zygote_pid
+    baseline_children, baseline_fds = zygote_children(zygote), open_fds()
 
     for round_ in range(30):
         session = await connect()
@@ -72,7 +72,7 @@ async def test_open_close_loop_leaves_nothing(
 
     sessions = server.app[SESSIONS]
     assert await eventually(lambda: not sessions)
-    assert await eventually(lambda: len(forkserver_children()) <= len(baseline_children))
+    assert await eventually(lambda: len(zygote_children(zygote)) <= len(baseline_children))
     assert await eventually(lambda: open_fds() <= baseline_fds)
     assert await metric_session_series(server) == []
 
@@ -82,27 +82,14 @@ async def test_no_process_survives_the_server(make_server: MakeServer, allowed_r
     ws = await server.ws_connect("/v1/realtime?model=x", protocols=("realtime",))
     await ws.receive_json()
     await ws.close()
+    zygote = server.app[POOL].zygote_pid
+    children = zygote_children(zygote)
+    assert children  # the pool's idle children and the server-wide set's
 
     await server.close()
 
-    assert await eventually(lambda: forkserver_children() == set())
-
-
-async def test_grandchildren_die_with_the_session(connect: Connect, allowed_root: Path) -> None:
-    spawner = character_source("Spawner", body="""
-        import subprocess
-        SLEEPER = subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        """).replace('"comment": None', '"comment": str(SLEEPER.pid)')
-    session = await connect()
-    reloaded = await session.reload(write_directory(allowed_root, "spawn", {"s.py": spawner}))
-    assert [c["name"] for c in reloaded["characters"]] == ["Spawner"], reloaded
-    sleeper = int(reloaded["characters"][0]["comment"])
-    assert pid_alive(sleeper), f"the grandchild is not running: {process_state(sleeper)}"
-
-    await session.ws.close()
-
-    assert await eventually(lambda: not pid_alive(sleeper)), process_state(sleeper)
+    assert zygote is not None
+    assert await eventually(lambda: not any(pid_alive(pid) for pid in {zygote, *children}))
 
 
 async def test_sandboxes_die_when_the_server_is_killed(
