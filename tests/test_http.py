@@ -96,7 +96,7 @@ async def test_voices_lists_only_good_characters_in_unmutes_shape(
     assert "Captain Tuesday" not in good
     assert {voice["name"] for voice in voices} == good
     for voice in voices:
-        assert set(voice) == {"name", "good", "source"}
+        assert set(voice) == {"name", "comment", "good", "source"}
         assert voice["good"] is True
         assert isinstance(voice["source"]["source_type"], str)
 
