@@ -44,6 +44,9 @@ class SandboxConfig(msgspec.Struct, frozen=True):
     """Idle children kept started so that sessions and reloads never wait for a boot."""
     max_restarts_per_load: int = 8
     """Children a single reload may use up on files that kill them."""
+    warm_directories: int = 4
+    """Directories kept loaded in a spare child, so that their next load is a
+    handover (see ``pool``); 0: none."""
     idle_cpu_seconds: float = 0.5
     """CPU a loaded child may burn between requests within ``idle_check_interval``
     (a thread or a finaliser left running); more, and it is killed."""

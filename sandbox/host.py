@@ -24,8 +24,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import wire
-from .errors import CallFailed, LoadFailed, SandboxCrashed, SandboxTimeout
-from .pool import Pool
+from .errors import CallFailed, LoadFailed, SandboxCrashed, SandboxError, SandboxTimeout
+from .pool import Pool, directory_fingerprint
 from .process import ChildDied, ChildProcess
 
 _R = TypeVar("_R", bound=wire.Message)
@@ -36,6 +36,19 @@ def died_how(child: ChildProcess, died: ChildDied) -> str:
     if child.exitcode is not None and not str(died).startswith("it "):
         return child.exit_description()
     return str(died)
+
+
+async def _preload(pool: Pool, directory: str, max_characters: int) -> None:
+    """Load ``directory`` into a sandbox that nobody uses yet, and give it to the
+    pool to keep warm (its files' fingerprint taken before the load)."""
+    fingerprint = await asyncio.to_thread(directory_fingerprint, directory)
+    sandbox = Sandbox(pool, f"warm {directory}")
+    try:
+        await sandbox._start_cold(directory, max_characters)
+    except SandboxError:
+        await sandbox.close()
+        return
+    await pool.keep_warm(directory, max_characters, fingerprint, sandbox)
 
 
 class LoadReport:
@@ -82,11 +95,23 @@ class Sandbox:
         return self._child.pid if self._child is not None else None
 
     async def start(self, directory: str, max_characters: int = 100) -> LoadReport:
-        """Load ``directory`` (an absolute path the caller has checked) into a child.
+        """Load ``directory`` (an absolute path the caller has checked) into a child:
+        a child the pool kept warm with it, if its files are unchanged, else a fresh
+        one. Then the pool may warm another for the next load of the same directory.
 
         Raises ``LoadFailed`` (the directory cannot be imported at all, or it holds
         more than ``max_characters`` files) or ``SandboxTimeout`` (past load_timeout).
         """
+        started = time.perf_counter()
+        warm = self._pool.take_warm(directory, max_characters)
+        if warm is not None:
+            report = await self._take_over(warm, started)
+        else:
+            report = await self._start_cold(directory, max_characters)
+        self._pool.warm_up(directory, lambda: _preload(self._pool, directory, max_characters))
+        return report
+
+    async def _start_cold(self, directory: str, max_characters: int) -> LoadReport:
         async with self._lock:
             if self._directory is not None:
                 raise RuntimeError("a Sandbox loads one directory; make a new one to reload")
@@ -106,6 +131,27 @@ class Sandbox:
             self.report = LoadReport(loaded, errors + loaded.errors, time.perf_counter() - started)
             self._observer.call("load", self.report.seconds)
             return self.report
+
+    async def _take_over(self, warm: Sandbox, started: float) -> LoadReport:
+        """Adopt the child (and what it loaded) of a sandbox the pool kept warm."""
+        async with self._lock, warm._lock:
+            if self._directory is not None:
+                raise RuntimeError("a Sandbox loads one directory; make a new one to reload")
+            child, report = warm._child, warm.report
+            assert child is not None and report is not None  # the pool keeps loaded ones
+            warm._child = None
+            self._adopt(child)
+            self._directory, self._max_characters = warm._directory, warm._max_characters
+            self._excluded = warm._excluded
+            report.seconds = time.perf_counter() - started
+            self.report = report
+            self._observer.call("load", report.seconds)
+            return report
+
+    @property
+    def alive(self) -> bool:
+        """Loaded, and its child still running."""
+        return self._child is not None and self._child.alive
 
     async def list(self) -> builtins.list[wire.CharacterInfo]:
         reply = await self._call(lambda id: wire.ListCharacters(id=id), "list", wire.Listed)

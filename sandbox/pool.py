@@ -5,6 +5,14 @@ task keeps ``pool_size`` children ready, one spawn at a time; ``acquire()`` hand
 out a ready child at once, or spawns one when the pool is empty. A watchdog reads
 each handed-out child's CPU time and kills a child that burns CPU between requests
 (a thread or finaliser left running by character code).
+
+Warm directories: a directory loaded twice within ``WARM_WINDOW`` is worth having
+ready. After such a load the pool loads it once more, in the background, into a
+sandbox nobody uses, and keeps it (``warm_directories`` of them, least recently
+used dropped). The next load of that directory takes it over if the directory's
+fingerprint (every file's inode, mtime and size) is unchanged: a reload becomes a
+handover, and the load's CPU moves off the session's critical path. Still one child
+per session: a warm child has served nobody before it is handed out.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import asyncio
 import collections
 import os
 import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .codecache import CodeCache
 from .config import SandboxConfig
@@ -21,8 +31,16 @@ from .errors import SandboxUnavailable
 from .observer import Observer
 from .process import ChildProcess, Spawner
 
+if TYPE_CHECKING:
+    from .host import Sandbox
+
 _READY_TIMEOUT = 10.0
 _TICKS = os.sysconf("SC_CLK_TCK")
+WARM_WINDOW = 300.0
+"""Seconds within which a second load of a directory makes it worth keeping warm."""
+_FINGERPRINT_LIMIT = 2000
+"""Entries a fingerprint looks at; a bigger tree is never kept warm."""
+Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 class Pool:
@@ -37,6 +55,14 @@ class Pool:
         self._cpu: dict[ChildProcess, tuple[int, int]] = {}
         """CPU ticks and request count of each handed-out child at the last check."""
         self.code_cache = CodeCache()
+        self._warm: collections.OrderedDict[str, tuple[Sandbox, Fingerprint, int]] = (
+            collections.OrderedDict()
+        )
+        self._loaded_at: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._warming: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._one_at_a_time = asyncio.Lock()
+        """Spawns and warm loads in the background run one after the other."""
         self.protections: list[str] = []
         """What the first child got: the walls in force (``containment.ALL_PROTECTIONS``)."""
 
@@ -105,10 +131,72 @@ class Pool:
     def zygote_pid(self) -> int | None:
         return self._spawner.pid
 
+    # ── warm directories ────────────────────────────────────────────────────
+
+    def take_warm(self, directory: str, max_characters: int) -> Sandbox | None:
+        """The sandbox kept warm with ``directory``, if it is alive, loaded with the
+        same limit and the directory's files are unchanged since; it is the caller's."""
+        entry = self._warm.pop(directory, None)
+        if entry is None:
+            return None
+        sandbox, fingerprint, limit = entry
+        if sandbox.alive and limit == max_characters and fingerprint and (
+                directory_fingerprint(directory) == fingerprint):
+            return sandbox
+        self._in_background(sandbox.close())
+        return None
+
+    def warm_up(self, directory: str, preload: Callable[[], Awaitable[None]]) -> None:
+        """Note a load of ``directory``; on the second within ``WARM_WINDOW`` (and
+        while none is kept or being made), run ``preload`` in the background."""
+        if self.config.warm_directories <= 0:
+            return
+        now = time.monotonic()
+        before = self._loaded_at.pop(directory, None)
+        self._loaded_at[directory] = now
+        while len(self._loaded_at) > 64 * self.config.warm_directories:
+            self._loaded_at.popitem(last=False)
+        if (before is None or now - before > WARM_WINDOW or directory in self._warm
+                or directory in self._warming):
+            return
+        self._warming.add(directory)
+
+        async def warm() -> None:
+            try:
+                async with self._one_at_a_time:
+                    await preload()
+            finally:
+                self._warming.discard(directory)
+
+        self._in_background(warm())
+
+    async def keep_warm(self, directory: str, max_characters: int, fingerprint: Fingerprint,
+                        sandbox: Sandbox) -> None:
+        """Keep ``sandbox`` (loaded with ``directory``) for the next load of it."""
+        previous = self._warm.pop(directory, None)
+        self._warm[directory] = (sandbox, fingerprint, max_characters)
+        evicted = [previous[0]] if previous is not None else []
+        while len(self._warm) > self.config.warm_directories:
+            evicted.append(self._warm.popitem(last=False)[1][0])
+        for old in evicted:
+            await old.close()
+
+    @property
+    def warm_directories(self) -> list[str]:
+        return list(self._warm)
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        warm, self._warm = self._warm, collections.OrderedDict()
+        for sandbox, _, _ in warm.values():
+            await sandbox.close()
         for child in list(self._live):
             await self.release(child)
         self._idle.clear()
@@ -127,7 +215,8 @@ class Pool:
             self._wake.clear()
             while len(self._idle) < self.config.pool_size:
                 try:
-                    self._idle.append(await self._spawn())
+                    async with self._one_at_a_time:
+                        self._idle.append(await self._spawn())
                 except Exception as exc:
                     self.observer.spawn_failed(exc)
                     await asyncio.sleep(1.0)
@@ -158,6 +247,26 @@ class Pool:
                         f"it used {(now - before[0]) / _TICKS:.1f} s of CPU in {interval:g} s "
                         "while idle (a thread or loop left running by character code?)"
                     )
+
+
+def directory_fingerprint(directory: str) -> Fingerprint:
+    """(relative path, inode, mtime, size) of every file and folder below
+    ``directory``, sorted; empty when it cannot be read or holds too many entries
+    (then it never matches a load)."""
+    found: list[tuple[str, int, int, int]] = []
+    try:
+        for root, folders, files in os.walk(directory):
+            folders[:] = [name for name in folders if name != "__pycache__"]
+            for name in (*folders, *files):
+                path = os.path.join(root, name)
+                info = os.stat(path)
+                found.append((os.path.relpath(path, directory), info.st_ino,
+                              info.st_mtime_ns, info.st_size))
+                if len(found) > _FINGERPRINT_LIMIT:
+                    return ()
+    except OSError:
+        return ()
+    return tuple(sorted(found))
 
 
 def _cpu_ticks(pid: int) -> int:

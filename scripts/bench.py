@@ -594,7 +594,8 @@ class Client:
         while True:
             body = await self.health()
             pool = body["sandbox"]
-            wanted = pool["pool_size"] + pool["default_set_loaded"] + sessions
+            wanted = (pool["pool_size"] + pool["default_set_loaded"] + pool.get("warm", 0)
+                      + sessions)
             running = len(sandbox_children(self.server.pid))
             state = (body["sessions"]["active"], running, pool["pool_idle"], pool["children"])
             if state == previous and state[:3] == (sessions, wanted, pool["pool_size"]):

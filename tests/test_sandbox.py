@@ -258,3 +258,42 @@ def _socket(fd):
     assert await sandbox.ping() != first
     assert str(first) not in os.listdir("/proc")
     await sandbox.close()
+
+
+async def wait_warm(pool: Pool, directory: Path) -> None:
+    for _ in range(int(200 * SCALE)):
+        if str(directory) in pool.warm_directories:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{directory} was never kept warm: {pool.warm_directories}")
+
+
+async def test_a_directory_loaded_again_is_handed_over_warm(pool: Pool, tmp_path: Path) -> None:
+    directory = write_directory(tmp_path, "d", {"a.py": character_source("A", prompt="one")})
+    for _ in range(2):  # the second load within the window makes it worth keeping warm
+        await (await loaded(pool, directory)).close()
+    await wait_warm(pool, directory)
+    kept = pool._warm[str(directory)][0].pid
+
+    sandbox = await loaded(pool, directory)
+
+    assert sandbox.pid == kept  # handed over: no load on the critical path
+    assert await sandbox.system_prompt("A") == "one"
+    await sandbox.close()
+
+
+async def test_a_changed_file_is_never_served_from_a_warm_child(
+    pool: Pool, tmp_path: Path
+) -> None:
+    directory = write_directory(tmp_path, "d", {"a.py": character_source("A", prompt="one")})
+    for _ in range(2):
+        await (await loaded(pool, directory)).close()
+    await wait_warm(pool, directory)
+    kept = pool._warm[str(directory)][0].pid
+
+    write_directory(tmp_path, "d", {"a.py": character_source("A", prompt="two, longer")})
+    sandbox = await loaded(pool, directory)
+
+    assert sandbox.pid != kept
+    assert await sandbox.system_prompt("A") == "two, longer"
+    await sandbox.close()
