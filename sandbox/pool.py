@@ -236,7 +236,8 @@ class Pool:
             # Before reading: a request started during the reads makes the sample void.
             requests = [child.requests for child in watched]
             # /proc reads off the loop: 200 children cost ~4 ms.
-            ticks = await asyncio.to_thread(lambda: [_cpu_ticks(c.pid) for c in watched])
+            pids = [child.pid for child in watched]
+            ticks = await asyncio.to_thread(lambda: [_cpu_ticks(pid) for pid in pids])
             for child, now, asked in zip(watched, ticks, requests, strict=True):
                 before = self._cpu.get(child)
                 self._cpu[child] = (now, asked)
