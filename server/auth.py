@@ -1,0 +1,501 @@
+"""The front door (DESIGN.md §9): who may connect, from where, how often and how many.
+Decisions only, no sockets: ``app.py`` turns a request into a ``Knock`` and a
+``Refused`` into an HTTP answer.
+
+    GET /v1/realtime (a Knock: Origin, Host, Authorization, subprotocols, peer)
+      Origin on the allowlist (or none sent)?      no ─▶ 403 origin_not_allowed
+      open on loopback: Host a loopback name?      no ─▶ 403 host_not_allowed
+      the address under its handshake rate?        no ─▶ 429 rate_limited, Retry-After
+      keys configured: a key or client secret?     no ─▶ 401 missing_api_key /
+                                                         invalid_api_key / client_secret_expired
+      the key under its handshake rate?            no ─▶ 429 rate_limited, Retry-After
+      the server under --max-sessions?             no ─▶ 503 server_full, Retry-After
+      the key under its max_sessions?              no ─▶ 429 too_many_sessions, Retry-After
+      ─▶ Entry(scope): the session's key, roots and admin flag; ``leave()`` it at the end
+
+Modes, fixed at start (``startup_problem`` refuses the rest):
+
+- keys configured (``--api-keys``): every connection needs a key or a client secret
+  minted from one, loopback included; a key's ``allowed_roots`` are its sessions' roots.
+- no keys, bound to loopback: open (no key needed, ``--allowed-root`` for all), but
+  the Host must be a loopback name, so a web page cannot reach the server by
+  rebinding its own DNS name to 127.0.0.1.
+- no keys elsewhere: only with ``--no-auth``, open on purpose.
+
+The per-address rate does not apply to loopback peers: local processes have the
+machine already, and behind a reverse proxy on the same host every client shares its
+address (the proxy's own limits and each key's rate do that job).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from .keys import (
+    CLIENT_SECRET_PREFIX,
+    ApiKey,
+    ClientSecrets,
+    ExpiredClientSecret,
+    InvalidClientSecret,
+    Keyring,
+)
+
+SUBPROTOCOL = "realtime"
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+"""Browsers cannot set headers on a WebSocket: they offer ``realtime`` and this, with
+the key or client secret appended (as OpenAI's own browser clients do)."""
+BUSY_RETRY_AFTER = 5
+"""Seconds a client is told to wait when a session limit refuses it."""
+
+RefusalCode = Literal[
+    "missing_api_key", "invalid_api_key", "client_secret_expired", "origin_not_allowed",
+    "host_not_allowed", "invalid_subprotocol", "rate_limited", "server_full",
+    "too_many_sessions", "admin_api_off", "admin_key_required", "invalid_value",
+]
+HOW_TO_SEND = (f"send Authorization: Bearer <key>, or (browsers) the subprotocols "
+               f"'{SUBPROTOCOL}' and '{KEY_SUBPROTOCOL}<key or client secret>'")
+
+
+class Refused(Exception):
+    """A request the front door turns away, with the HTTP status and what to do."""
+
+    def __init__(self, status: int, code: RefusalCode, message: str, *,
+                 retry_after: float | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = None if retry_after is None else max(1, math.ceil(retry_after))
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error shape."""
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return {"error": {"type": kind, "code": self.code, "message": self.message,
+                          "param": self.param}}
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+@dataclass(frozen=True)
+class Knock:
+    """What the front door reads from a request."""
+
+    origin: str | None = None
+    host: str | None = None
+    authorization: str | None = None
+    subprotocols: tuple[str, ...] = ()
+    address: str | None = None
+
+
+Via = Literal["key", "client_secret", "open"]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a session may do: its key (None: an open server), the roots it may load."""
+
+    key: str | None
+    allowed_roots: tuple[Path, ...]
+    admin: bool = False
+    via: Via = "open"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An admitted handshake; ``FrontDoor.leave`` gives its slot back."""
+
+    scope: Scope
+
+
+@dataclass(frozen=True)
+class Settings:
+    require_keys: bool = False
+    open_on_loopback: bool = True
+    """No keys and no --no-auth: the server runs open because it listens on loopback."""
+    allowed_origins: tuple[str, ...] = ()
+    """``--allowed-origin`` values; empty: loopback origins. The server's own origin
+    is always allowed. ``*``: any (not ``null``)."""
+    max_sessions: int = 200
+    roots: tuple[Path, ...] = ()
+    """What sessions without a key may load (``--allowed-root``)."""
+    per_address_per_minute: int = 120
+    per_key_per_minute: int = 600
+    admin_token: str | None = field(default=None, repr=False)
+    metrics_key: str | None = field(default=None, repr=False)
+
+
+# ── hosts and origins ────────────────────────────────────────────────────────
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (a name or address, IPv6 bracketed or not) is this machine's loopback."""
+    host = host.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """``host[:port]`` of a Host header, lowercased; None when malformed."""
+    try:
+        parts = urlsplit("//" + value.strip())
+        return (parts.hostname or "", parts.port) if parts.hostname else None
+    except ValueError:
+        return None
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a serialized origin; None for ``null`` or a malformed one."""
+    try:
+        parts = urlsplit(origin.strip())
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:
+        return None
+    if scheme not in _DEFAULT_PORTS or not host or parts.path not in ("", "/"):
+        return None
+    return scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
+
+
+def check_origins(values: Sequence[str]) -> str | None:
+    """What is wrong with ``--allowed-origin`` values, if anything."""
+    for value in values:
+        if value != "*" and normalize_origin(value) is None:
+            return (f"--allowed-origin {value!r} is not an origin: give scheme://host[:port] "
+                    "(http or https, no path), or * for any")
+    return None
+
+
+@dataclass(frozen=True)
+class Origins:
+    allowed: frozenset[tuple[str, str, int]]
+    any: bool
+    loopback: bool
+
+    @classmethod
+    def of(cls, values: Sequence[str]) -> Origins:
+        parsed = {normalize_origin(value) for value in values if value != "*"}
+        return cls(frozenset(o for o in parsed if o is not None), "*" in values, not values)
+
+    def permit(self, origin: str | None, host: str | None) -> bool:
+        """A browser's ``origin`` may open sessions on the server reached as ``host``.
+        No Origin (an SDK, a script): yes, the key decides. ``null`` (sandboxed
+        frames, file: pages, some redirects): never."""
+        if origin is None:
+            return True
+        parsed = normalize_origin(origin)
+        if parsed is None:
+            return False
+        scheme, name, port = parsed
+        if self.any or parsed in self.allowed or (self.loopback and is_loopback(name)):
+            return True
+        own = _split_host(host) if host else None
+        return own is not None and own[0] == name and (own[1] or _DEFAULT_PORTS[scheme]) == port
+
+
+# ── rates and admission ──────────────────────────────────────────────────────
+
+
+class RateLimit:
+    """A token bucket per name: ``per_minute`` handshakes, as a burst or spread out.
+    At most ``max_tracked`` names are remembered (full buckets go first, then the
+    least recently used), so a scan from many addresses cannot grow it."""
+
+    def __init__(self, per_minute: int, max_tracked: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self._rate = per_minute / 60
+        self._max_tracked = max_tracked
+        self._buckets: dict[str, tuple[float, float]] = {}  # name → (tokens, at)
+
+    def take(self, name: str, now: float) -> float:
+        """0 when ``name`` may go ahead now (a token is taken), else the seconds until
+        it may."""
+        if self.per_minute <= 0:
+            return 0.0
+        tokens, at = self._buckets.pop(name, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - at) * self._rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self._rate
+        self._buckets[name] = (tokens - 1 if wait == 0 else tokens, now)
+        if len(self._buckets) > self._max_tracked:
+            self._forget(now)
+        return wait
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _forget(self, now: float) -> None:
+        full = [name for name, (tokens, at) in self._buckets.items()
+                if tokens + (now - at) * self._rate >= self.per_minute]
+        for name in full:
+            del self._buckets[name]
+        while len(self._buckets) > self._max_tracked:
+            del self._buckets[next(iter(self._buckets))]
+
+
+def address_bucket(address: str | None) -> str | None:
+    """The name an address is rate-limited under: IPv4 as is, IPv6 by its /64 (one
+    host is given a whole /64); None for loopback and unknown peers (not limited)."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if ip.is_loopback:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
+
+
+class Admission:
+    """Live sessions, in all and per key: a slot is taken before the handshake."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_key: dict[str, int] = {}
+
+    def admit(self, key: ApiKey | None, limit: int) -> None:
+        """Take a slot. Raises ``Refused`` (503 at ``limit``, 429 at the key's own)."""
+        if self.total >= limit:
+            raise Refused(503, "server_full",
+                          f"the server is full ({limit} sessions, --max-sessions); retry later",
+                          retry_after=BUSY_RETRY_AFTER)
+        if key is not None and key.max_sessions is not None:
+            live = self.per_key.get(key.name, 0)
+            if live >= key.max_sessions:
+                raise Refused(429, "too_many_sessions",
+                              f"key {key.name!r} has {live} live sessions, its limit "
+                              "(max_sessions in the keys file); close one or retry later",
+                              retry_after=BUSY_RETRY_AFTER)
+        self.total += 1
+        if key is not None:
+            self.per_key[key.name] = self.per_key.get(key.name, 0) + 1
+
+    def release(self, key: str | None) -> None:
+        self.total -= 1
+        if key is not None:
+            left = self.per_key[key] - 1
+            if left:
+                self.per_key[key] = left
+            else:
+                del self.per_key[key]
+
+
+# ── the door ─────────────────────────────────────────────────────────────────
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The credential of ``Authorization: Bearer <credential>``; None when absent.
+    Raises ``Refused`` (401) for any other form: nothing is guessed at."""
+    if authorization is None:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value or any(c.isspace() for c in value):
+        raise Refused(401, "invalid_api_key",
+                      "malformed Authorization header: send Authorization: Bearer <key>, "
+                      "exactly")
+    return value
+
+
+def presented(knock: Knock) -> str | None:
+    """The key or client secret a handshake carries: Authorization first, else the
+    browser's subprotocol."""
+    credential = bearer(knock.authorization)
+    if credential is not None:
+        return credential
+    for protocol in knock.subprotocols:
+        if protocol.startswith(KEY_SUBPROTOCOL):
+            return protocol.removeprefix(KEY_SUBPROTOCOL) or None
+    return None
+
+
+class FrontDoor:
+    """The front door's state: the keys (replaced whole on a reload), the signing key
+    of client secrets, the rate buckets and the session counts."""
+
+    def __init__(self, settings: Settings, keyring: Keyring | None,
+                 secrets: ClientSecrets | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        if settings.require_keys and not keyring:
+            raise ValueError("keys are required but none are configured")
+        self.settings = settings
+        self.keyring = keyring
+        self.secrets = secrets or ClientSecrets()
+        self.origins = Origins.of(settings.allowed_origins)
+        self.admission = Admission()
+        self._by_address = RateLimit(settings.per_address_per_minute)
+        self._by_key = RateLimit(settings.per_key_per_minute)
+        self._clock, self._wall = clock, wall
+
+    def replace_keys(self, keyring: Keyring) -> None:
+        """A new reading of the keys file: new connections use it; live sessions keep
+        the scope they opened with."""
+        if not self.settings.require_keys:
+            raise ValueError("this server runs without keys; restart it with --api-keys")
+        self.keyring = keyring
+
+    # ── sessions ─────────────────────────────────────────────────────────────
+
+    def enter(self, knock: Knock) -> Entry:
+        """Admit a WebSocket handshake. Raises ``Refused``."""
+        if _key_without_realtime(knock.subprotocols):
+            raise Refused(400, "invalid_subprotocol",
+                          f"offer the subprotocol '{SUBPROTOCOL}' beside "
+                          f"'{KEY_SUBPROTOCOL}…'")
+        self._check_where(knock)
+        key, via = self._identify(presented(knock))
+        if key is not None:
+            self._rate(self._by_key, key.name, f"key {key.name!r}")
+        self.admission.admit(key, self.settings.max_sessions)
+        if key is None:
+            return Entry(Scope(None, self.settings.roots))
+        return Entry(Scope(key.name, key.allowed_roots, key.admin, via))
+
+    def leave(self, entry: Entry) -> None:
+        self.admission.release(entry.scope.key)
+
+    def minter(self, knock: Knock) -> ApiKey | None:
+        """The key asking for a client secret (``POST /v1/realtime/client_secrets``);
+        None on an open server. Raises ``Refused``."""
+        self._check_where(knock)
+        credential = bearer(knock.authorization)
+        if not self.settings.require_keys:
+            return None
+        if credential is not None and credential.startswith(CLIENT_SECRET_PREFIX):
+            raise Refused(401, "invalid_api_key",
+                          "a client secret cannot mint another; send an API key")
+        key, _ = self._identify(credential)
+        if key is not None:
+            self._rate(self._by_key, key.name, f"key {key.name!r}")
+        return key
+
+    def mint(self, key: ApiKey | None, seconds: int) -> tuple[str, int]:
+        """A client secret with ``key``'s scope, good for ``seconds``, and when it
+        expires (seconds since the epoch)."""
+        return self.secrets.mint(key, seconds, self._wall())
+
+    def _check_where(self, knock: Knock) -> None:
+        if not self.origins.permit(knock.origin, knock.host):
+            raise Refused(403, "origin_not_allowed",
+                          f"pages from {knock.origin} may not open sessions here; the "
+                          "operator allows origins with --allowed-origin")
+        if (self.settings.open_on_loopback and knock.host is not None
+                and not is_loopback((_split_host(knock.host) or ("",))[0])):
+            raise Refused(403, "host_not_allowed",
+                          "this server runs without keys on loopback and answers only "
+                          "requests for localhost, 127.0.0.1 or [::1]")
+        bucket = address_bucket(knock.address)
+        if bucket is not None:
+            self._rate(self._by_address, bucket, "this address")
+
+    def _rate(self, limit: RateLimit, name: str, who: str) -> None:
+        wait = limit.take(name, self._clock())
+        if wait:
+            raise Refused(429, "rate_limited",
+                          f"{who} opened more than {limit.per_minute} connections in a "
+                          "minute; retry later", retry_after=wait)
+
+    def _identify(self, credential: str | None) -> tuple[ApiKey | None, Via]:
+        """The key behind ``credential`` (None on an open server). Raises ``Refused``."""
+        if not self.settings.require_keys:
+            return None, "open"
+        if credential is None:
+            raise Refused(401, "missing_api_key", f"this server needs an API key: {HOW_TO_SEND}")
+        if credential.startswith(CLIENT_SECRET_PREFIX):
+            try:
+                key = self.secrets.check(credential, self.keyring, self._wall())
+            except ExpiredClientSecret as exc:
+                raise Refused(401, "client_secret_expired",
+                              f"this client secret expired at {exc.expired_at} (seconds "
+                              "since the epoch); get a new one from POST "
+                              "/v1/realtime/client_secrets") from None
+            except InvalidClientSecret:
+                key = None
+            if key is None:
+                raise Refused(401, "invalid_api_key",
+                              "this client secret is not valid here (or its key was "
+                              "replaced); get a new one from POST /v1/realtime/client_secrets")
+            return key, "client_secret"
+        key = self.keyring.find(credential) if self.keyring is not None else None
+        if key is None:
+            raise Refused(401, "invalid_api_key", f"this API key is not valid here; {HOW_TO_SEND}")
+        return key, "key"
+
+    # ── admin and metrics ────────────────────────────────────────────────────
+
+    def admin(self, credential: str | None) -> str:
+        """Who is asking for an admin route (an admin key's name, or ``admin token``),
+        given the Bearer (or Basic password) ``credential``. Raises ``Refused``: 404
+        when no admin credential exists at all (the admin API is off)."""
+        token = self.settings.admin_token
+        if token is None and not any(key.admin for key in self.keyring or ()):
+            raise Refused(404, "admin_api_off",
+                          "the admin API is off: give a key admin = true in the --api-keys "
+                          "file, or set TROUPE_ADMIN_TOKEN (or --admin-token-file)")
+        if credential is None:
+            raise Refused(401, "admin_key_required",
+                          "send Authorization: Bearer <admin key or admin token>")
+        if token is not None and _same(credential, token):
+            return "admin token"
+        key = self.keyring.find(credential) if self.keyring is not None else None
+        if key is None:
+            raise Refused(401, "invalid_api_key", "not an admin key or the admin token")
+        if not key.admin:
+            raise Refused(403, "admin_key_required",
+                          f"key {key.name!r} is not an admin key (admin = true in the keys file)")
+        return key.name
+
+    def metrics(self, credential: str | None) -> None:
+        """``/metrics``: open unless a metrics key is set; then that key, an admin
+        key or the admin token. Raises ``Refused``."""
+        wanted = self.settings.metrics_key
+        if wanted is None or (credential is not None and _same(credential, wanted)):
+            return
+        if credential is None:
+            raise Refused(401, "missing_api_key", "send Authorization: Bearer <metrics key>")
+        try:
+            self.admin(credential)
+        except Refused:
+            raise Refused(401, "invalid_api_key", "not the metrics key") from None
+
+
+def _key_without_realtime(subprotocols: Sequence[str]) -> bool:
+    """A key offered without ``realtime``: aiohttp would log the offered list (key
+    included) as not overlapping ours, so it is refused before that."""
+    return SUBPROTOCOL not in subprotocols and any(
+        p.startswith(KEY_SUBPROTOCOL) for p in subprotocols)
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                               expected.encode("utf-8", "surrogateescape"))
+
+
+def startup_problem(*, host: str, keys: bool, no_auth: bool) -> str | None:
+    """Why the server must not start as configured, if it must not."""
+    if keys and no_auth:
+        return ("--no-auth and --api-keys (TROUPE_API_KEYS) contradict each other: keep "
+                "the keys, or run open on purpose with --no-auth alone")
+    if not keys and not no_auth and not is_loopback(host):
+        return (f"not listening on {host} without API keys: anyone who reaches the port "
+                "could use the server (and its --llm's account). Give --api-keys FILE "
+                "(see the README, 'The front door'), listen on 127.0.0.1, or pass "
+                "--no-auth to run open on purpose")
+    return None
