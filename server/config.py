@@ -12,6 +12,8 @@ from typing import Any, NoReturn
 
 from sandbox import ChildLimits, SandboxConfig
 
+from . import auth, keys
+
 _REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = "embedded"
 """The backend value that runs the models shipped inside Python packages."""
@@ -54,6 +56,25 @@ class Config:
     audio_lead: float = 0.5
     """Seconds of reply audio sent ahead of real time (what a barge-in leaves queued)."""
     log_level: str = "INFO"
+    # The front door (README "The front door", server/auth.py).
+    api_keys: Path | None = None
+    """The keys file (TOML, server/keys.py); with it every connection needs a key."""
+    no_auth: bool = False
+    """Run without keys on an address other than loopback, on purpose."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed besides the server's own; empty: loopback ones."""
+    idle_timeout: float = 60.0
+    """Seconds without a client frame before a session closes; 0: never."""
+    max_session: float = 3600.0
+    """Seconds a session may last; 0: no limit."""
+    heartbeat: float = 20.0
+    """Seconds between WebSocket pings (a peer silent for half that after one is
+    dropped); 0: no pings."""
+    handshake_rate_per_address: int = 120
+    handshake_rate_per_key: int = 600
+    metrics_key: str | None = field(default=None, repr=False)
+    client_secret_key: str | None = field(default=None, repr=False)
+    """Signs client secrets; replicas that share it accept each other's."""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
@@ -64,7 +85,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--characters-dir", "TROUPE_CHARACTERS_DIR", Path,
      "the default character directory (what 'default' means in a reload)"),
     ("--max-sessions", "TROUPE_MAX_SESSIONS", int,
-     "concurrent WebSocket sessions; more are closed with code 1013"),
+     "concurrent WebSocket sessions; more are refused before the handshake (HTTP 503 "
+     "with Retry-After)"),
     ("--max-characters", "TROUPE_MAX_CHARACTERS", int,
      "character files a directory may hold"),
     ("--max-reloads-per-minute", "TROUPE_MAX_RELOADS_PER_MINUTE", int,
@@ -89,6 +111,23 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--audio-lead", "TROUPE_AUDIO_LEAD", float,
      "seconds of reply audio sent ahead of real time"),
 ]
+_DOOR_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--idle-timeout", "TROUPE_IDLE_TIMEOUT", float,
+     "seconds without an event or audio from the client before its session is closed "
+     "(code 1000, with the reason); 0: never"),
+    ("--max-session", "TROUPE_MAX_SESSION", float,
+     "seconds a session may last (3600: 60 min, as OpenAI's); then an error "
+     "session_expired and a close; 0: no limit"),
+    ("--heartbeat", "TROUPE_HEARTBEAT", float,
+     "seconds between WebSocket pings; a peer that does not answer within half of it "
+     "is dropped; 0: no pings"),
+    ("--handshake-rate-per-address", "TROUPE_HANDSHAKE_RATE_PER_ADDRESS", int,
+     "connections (and client secrets) per minute from one address, loopback "
+     "excepted; more get HTTP 429; 0: no limit"),
+    ("--handshake-rate-per-key", "TROUPE_HANDSHAKE_RATE_PER_KEY", int,
+     "connections (and client secrets) per minute with one API key; more get HTTP "
+     "429; 0: no limit"),
+]
 _SANDBOX_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--sandbox-pool-size", "TROUPE_SANDBOX_POOL_SIZE", int,
      "idle sandbox interpreters kept started"),
@@ -111,7 +150,12 @@ _LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
 # line is world-readable in /proc/<pid>/cmdline. It comes from TROUPE_<FIELD>, or from
 # the file that --<field>-file or TROUPE_<FIELD>_FILE names.
 _SECRETS: list[tuple[str, str]] = [
-    ("admin_token", "bearer token for GET /v1/sessions (the admin API is off when unset)"),
+    ("admin_token", "admin credential (Authorization: Bearer) for /v1/sessions, /admin and "
+     "POST /v1/characters/reload, beside admin keys of the --api-keys file"),
+    ("metrics_key", "key that GET /metrics then requires (Authorization: Bearer); "
+     "unset: /metrics is open (it carries no session ids)"),
+    ("client_secret_key", "key signing client secrets (ek_...); replicas sharing it accept "
+     "each other's secrets (unset: random per process)"),
     ("llm_api_key", "API key of the --llm endpoint (never reaches character code)"),
     ("tts_api_key", "kyutai-api-key sent to the --tts server"),
     ("stt_api_key", "kyutai-api-key sent to the --stt server"),
@@ -153,8 +197,10 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         "owns its own sandboxed set of characters.",
         epilog="Every option can also be set with the environment variable shown.",
     )
+    door = parser.add_argument_group("the front door (README: The front door)")
     groups = [
         (parser, _OPTIONS, defaults),
+        (door, _DOOR_OPTIONS, defaults),
         (parser.add_argument_group("sandbox"), _SANDBOX_OPTIONS, sandbox_defaults),
         (parser.add_argument_group("sandbox limits"), _LIMIT_OPTIONS, sandbox_defaults.limits),
     ]
@@ -180,6 +226,26 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         "Landlock with its scopes) is in force on this kernel; without it the server "
         "starts with what is there and says what is missing (env TROUPE_REQUIRE_SANDBOX=1)",
     )
+    door.add_argument(
+        "--api-keys", type=Path,
+        default=Path(environ["TROUPE_API_KEYS"]) if environ.get("TROUPE_API_KEYS") else None,
+        metavar="FILE",
+        help="TOML file of API keys ([[key]] tables: name, secret or secret_sha256, "
+        "allowed_roots, max_sessions, admin); every connection then needs one, loopback "
+        "included; re-read on SIGHUP (env TROUPE_API_KEYS; default: none)",
+    )
+    door.add_argument(
+        "--no-auth", action="store_true",
+        default=environ.get("TROUPE_NO_AUTH", "") not in ("", "0"),
+        help="run without keys on an address other than loopback, on purpose (without "
+        "keys the server otherwise listens only on loopback) (env TROUPE_NO_AUTH=1)",
+    )
+    door.add_argument(
+        "--allowed-origin", action="append", default=None, metavar="ORIGIN",
+        help="a browser origin (scheme://host[:port]) whose pages may open sessions, "
+        "besides the server's own; repeat for several; * for any (never 'null') (env "
+        "TROUPE_ALLOWED_ORIGINS, separated by commas; default: loopback origins)",
+    )
     secrets = parser.add_argument_group(
         "secrets", "never on the command line: each comes from its environment variable, "
         "or from a file (its -file option, or the variable with _FILE appended, naming it) "
@@ -202,11 +268,29 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     roots = args.allowed_root
     if roots is None:
         roots = [Path(p) for p in environ.get("TROUPE_ALLOWED_ROOTS", "").split(os.pathsep) if p]
+    origins = args.allowed_origin
+    if origins is None:
+        origins = environ.get("TROUPE_ALLOWED_ORIGINS", "").replace(",", " ").split()
+    if (problem := auth.check_origins(origins)) is not None:
+        parser.error(problem)
+    if args.api_keys is not None:
+        try:
+            keys.load(args.api_keys)
+        except keys.KeysFileError as exc:
+            parser.error(str(exc))
+    problem = auth.startup_problem(host=args.host, keys=args.api_keys is not None,
+                                   no_auth=args.no_auth)
+    if problem is not None:
+        parser.error(problem)
     limits = ChildLimits(**_values(args, _LIMIT_OPTIONS))
     sandbox = SandboxConfig(limits=limits, require_protections=args.require_sandbox,
                             **_values(args, _SANDBOX_OPTIONS))
     return Config(
         **_values(args, _OPTIONS),
+        **_values(args, _DOOR_OPTIONS),
+        api_keys=args.api_keys,
+        no_auth=args.no_auth,
+        allowed_origins=tuple(origins),
         **secret_values,
         allowed_roots=tuple(root.resolve() for root in roots),
         sandbox=sandbox,

@@ -249,8 +249,8 @@ def test_help_documents_every_option_with_its_environment_variable(
     for field in dataclasses.fields(Config):
         if field.name == "sandbox":
             continue
-        option = "--allowed-root" if field.name == "allowed_roots" else (
-            "--" + field.name.replace("_", "-"))
+        repeatable = {"allowed_roots": "--allowed-root", "allowed_origins": "--allowed-origin"}
+        option = repeatable.get(field.name, "--" + field.name.replace("_", "-"))
         if field.name in SECRETS:
             assert option not in blocks, option
             option += "-file"
@@ -262,7 +262,8 @@ def test_help_documents_every_option_with_its_environment_variable(
 
 
 ENVIRONMENT = {"TROUPE_PORT": "9000", "TROUPE_ALLOWED_ROOTS": "/a:/b"}
-SECRETS = ("admin_token", "llm_api_key", "tts_api_key", "stt_api_key")
+SECRETS = ("admin_token", "llm_api_key", "tts_api_key", "stt_api_key", "metrics_key",
+           "client_secret_key")
 
 
 def test_configuration_comes_from_the_environment() -> None:
