@@ -1,17 +1,23 @@
 """Every Prometheus metric of the server (DESIGN.md §7), in one place.
 
 Per-session series carry a ``session_id`` label and are removed by ``forget_session``
-when the session ends, so cardinality stays bounded by the live sessions. Every other
-label takes its values from a closed set the server chooses: text that clients or
-character code control goes through a mapping such as ``error_type_label`` first.
+when the session ends, so cardinality stays bounded by the live sessions. The label's
+value is the session's ordinal in this process (1, 2, 3, ...), never its id: /metrics
+may be scraped by whoever reaches it, and an id must not be enumerable (the admin
+route ``/v1/sessions`` shows which ordinal each session has). Every other label takes
+its values from a closed set the server chooses: text that clients or character code
+control goes through a mapping such as ``error_type_label`` first.
 """
 
 from __future__ import annotations
 
 import builtins
+import itertools
 import logging
+from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from sandbox import Observer
 
@@ -23,12 +29,45 @@ CHARACTER_RELOAD_DURATION = Histogram(
     "Time to load a character directory into a new sandbox and swap it in.",
     buckets=_FAST,
 )
-SESSION_CHARACTER_COUNT = Gauge(
-    "session_character_count", "Characters loaded in a session.", ["session_id"]
-)
-CHARACTER_LOAD_PER_SESSION = Counter(
-    "character_load_per_session", "Directory loads per session.", ["session_id"]
-)
+M = TypeVar("M", bound=MetricWrapperBase)
+_ordinals: dict[str, str] = {}
+_next_ordinal = itertools.count(1)
+
+
+def session_label(session_id: str) -> str:
+    """The ``session_id`` label value of a session: its ordinal in this process."""
+    label = _ordinals.get(session_id)
+    if label is None:
+        label = _ordinals[session_id] = str(next(_next_ordinal))
+    return label
+
+
+class _PerSession(Generic[M]):
+    """A metric with one series per live session, labelled by ``session_label``."""
+
+    def __init__(self, metric: M) -> None:
+        self.metric = metric
+
+    def labels(self, session_id: str) -> M:
+        child: M = self.metric.labels(session_label(session_id))
+        return child
+
+    def remove(self, session_id: str) -> None:
+        """Raises ``KeyError`` when the session has no series here."""
+        label = _ordinals.get(session_id)
+        if label is None:
+            raise KeyError(session_id)
+        self.metric.remove(label)
+
+
+SESSION_CHARACTER_COUNT = _PerSession(Gauge(
+    "session_character_count", "Characters loaded in a session (session_id: the "
+    "session's ordinal in this process).", ["session_id"]
+))
+CHARACTER_LOAD_PER_SESSION = _PerSession(Counter(
+    "character_load_per_session", "Directory loads per session (session_id: the "
+    "session's ordinal in this process).", ["session_id"]
+))
 CHARACTER_LOAD_ERRORS = Counter(
     "character_load_errors", "Character files that failed to load, by error type "
     "(see error_type_label).",
@@ -37,6 +76,13 @@ CHARACTER_LOAD_ERRORS = Counter(
 SESSIONS = Counter("sessions", "WebSocket sessions opened.")
 SESSIONS_ACTIVE = Gauge("sessions_active", "WebSocket sessions open now.")
 SESSIONS_REJECTED = Counter("sessions_rejected", "Sessions refused because the server was full.")
+HANDSHAKES_REFUSED = Counter(
+    "handshakes_refused", "Requests the front door turned away, by code (auth.RefusalCode).",
+    ["code"],
+)
+SESSIONS_EXPIRED = Counter(
+    "sessions_expired", "Sessions closed at a deadline (idle or max_length).", ["deadline"]
+)
 SESSION_DURATION = Histogram(
     "session_duration_seconds", "How long sessions last.",
     buckets=(1, 5, 15, 60, 300, 900, 3600, 14400),
@@ -94,12 +140,13 @@ def error_type_label(error_type: str) -> str:
 
 
 def forget_session(session_id: str) -> None:
-    """Drop every per-session series of ``session_id``."""
+    """Drop every per-session series of ``session_id``, and its ordinal."""
     for metric in (SESSION_CHARACTER_COUNT, CHARACTER_LOAD_PER_SESSION):
         try:
             metric.remove(session_id)
         except KeyError:
             pass  # the session never loaded anything
+    _ordinals.pop(session_id, None)
 
 
 class MetricsObserver(Observer):
