@@ -73,7 +73,9 @@ Figures (milliseconds; percentiles interpolate between ranks):
 - memory: server RSS (and PSS), the PSS of every process below the server (fork
   server and sandbox children), per session = (that at full load − the idle server
   before the run) / sessions. Leftover processes = processes below the server once
-  every session has closed and the server has settled, minus those before the run.
+  every session has closed and the server has settled, minus those before the run
+  and the children it keeps warm on purpose (``/v1/health``'s ``sandbox.warm``:
+  directories loaded twice recently, kept loaded for the next load).
 - CPU: % of one core per process group, from ``/proc``, and "other processes": the
   rest of the machine's busy time. The spawned fakes and this load generator share
   the machine with the server (about 0.45 % of a core per streaming session between
@@ -451,8 +453,9 @@ async def measure(args: argparse.Namespace, target: Target, cycle: Cycle,
     ended = run.now()
     settled = await target.settle(http, before.children if before else None)
     after = proc.footprint(target.pid) if target.pid else None
+    warm = settled.get("sandbox", {}).get("warm")
     result = assemble(args, target, cycle, outcome, recorder, monitor, before, after,
-                      (started, ended))
+                      (started, ended), warm if isinstance(warm, int) else 0)
     result["server_health_before"] = idle.get("sandbox")
     result["server_health_after"] = settled.get("sandbox")
     if profiler is not None:
@@ -462,8 +465,10 @@ async def measure(args: argparse.Namespace, target: Target, cycle: Cycle,
 
 def assemble(args: argparse.Namespace, target: Target, cycle: Cycle, outcome: Outcome,
              recorder: Recorder, monitor: Monitor, before: proc.Footprint | None,
-             after: proc.Footprint | None, span: tuple[float, float]) -> dict[str, Any]:
-    """The result dictionary: what the JSON file holds and the report shows."""
+             after: proc.Footprint | None, span: tuple[float, float],
+             warm: int = 0) -> dict[str, Any]:
+    """The result dictionary: what the JSON file holds and the report shows. ``warm``:
+    children the settled server keeps warm on purpose, not counted as leftovers."""
     lateness = recorder.frame_lateness_ms.within(outcome.measured)
     first_audio = recorder.first_audio_ms.within(outcome.measured)
     baseline = (recorder.frame_lateness_ms.within(outcome.baseline)
@@ -480,7 +485,7 @@ def assemble(args: argparse.Namespace, target: Target, cycle: Cycle, outcome: Ou
             memory_per_session = round(
                 (at_load["sandbox_pss_mb"] + at_load["server_pss_mb"]
                  - before.children_pss_mb - before.server_pss_mb) / sessions, 2)
-    leftover = (max(0, after.children - before.children)
+    leftover = (max(0, after.children - before.children - warm)
                 if before is not None and after is not None else None)
     start = recorder.session_start_ms.values
     budgets = [
@@ -530,6 +535,7 @@ def assemble(args: argparse.Namespace, target: Target, cycle: Cycle, outcome: Ou
         "mismatch_details": recorder.mismatch_examples,
         "responses": dict(recorder.responses),
         "leftover_processes": leftover,
+        "warm_children_at_end": warm,
         "server_rss_mb": server_rss,
         "server_pss_mb": server_pss,
         "server_rss_mb_idle": round(before.server_rss_mb, 1) if before else None,

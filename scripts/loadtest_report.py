@@ -81,7 +81,9 @@ def table(result: dict[str, Any]) -> str:
          + " (server PSS + sandboxes, over the idle server)"),
         ("CPU", ", ".join(f"{name} {share:.0f} %" for name, share in
                           result.get("cpu_percent", {}).items()) or "-"),
-        ("leftover processes", _number(result.get("leftover_processes"))),
+        ("leftover processes", _number(result.get("leftover_processes"))
+         + (f" (besides {result['warm_children_at_end']} children kept warm on purpose)"
+            if result.get("warm_children_at_end") else "")),
         ("orphans after server stop", _number(result.get("orphan_processes"))),
     ]
     if result.get("admin_api_at_end"):
