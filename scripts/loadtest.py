@@ -22,7 +22,9 @@ removed afterwards). Only loopback addresses are accepted unless
 set to the server's admin token, the end of the measured part also asks
 ``/v1/sessions`` for the live sessions and their sandboxes' memory.
 
-What a session does (GA dialect, ``?model=``): it connects, waits for
+What a session does (GA dialect, ``?model=``): it connects, offering
+``permessage-deflate`` as browsers and the ``websockets`` library (the ``openai``
+SDK's transport) do (``--no-compression``: it does not), waits for
 ``session.created`` and lists its default characters (session start). A streaming
 session then sends real speech in real time, 80 ms of 24 kHz pcm16 at a time, in a
 loop: an utterance synthesised once by the embedded piper voice and cached under the
@@ -96,7 +98,8 @@ The JSON file's top level: ``scenario``, ``sessions_requested``, ``sessions_held
 ``session_start_ms``, ``session_created_ms``, ``first_audio_ms``,
 ``frame_lateness_ms`` (each ``{count, p50, p95, p99, max, mean}``),
 ``errors_by_code`` (server codes, and ``client.*`` for what the client saw: a refused
-connection, a close code, a timeout), ``leftover_processes``, ``orphan_processes``,
+connection, a close code, a timeout), ``clients`` (whether sessions offered
+compression, how many negotiated it), ``leftover_processes``, ``orphan_processes``,
 ``server_rss_mb``, ``sandbox_pss_mb_per_session``, ``memory_mb_per_session``,
 ``cpu_percent``, ``budgets`` (each ``{name, value, limit, comparison, unit, ok,
 binding, note}``), ``passed``, the scenario's own section (``capacity``,
@@ -147,7 +150,7 @@ from .loadtest_scenarios import (
     reloader_owner,
 )
 from .loadtest_server import ServerProblem, Spawned, Target, is_loopback
-from .loadtest_sessions import Run, loop_lag
+from .loadtest_sessions import COMPRESSION, Run, loop_lag
 from .loadtest_stats import Budget, Recorder, passed, quantiles, summary
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/realtime?model=loadtest"
@@ -224,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="speech to stream instead of the synthesised phrase (any "
                         "rate and channels); --spawn-server's fake STT hears the phrase's "
                         "words spread over its voiced part")
+    parser.add_argument("--no-compression", dest="compression", action="store_false",
+                        help="do not offer permessage-deflate (by default sessions offer "
+                        "it, as browsers and the openai SDK's websockets do)")
     parser.add_argument("--audio-lead", type=_non_negative, default=0.5, metavar="SECONDS",
                         help="the server's --audio-lead (given to a spawned server; "
                         "default: %(default)g)")
@@ -421,7 +427,8 @@ async def measure(args: argparse.Namespace, target: Target, cycle: Cycle,
                   directories: Directories, rng: random.Random, http: aiohttp.ClientSession,
                   fakes_pid: int | None) -> dict[str, Any]:
     recorder = Recorder()
-    run = Run(http, target.ws_url, recorder, time.monotonic(), args.audio_lead, args.timeout)
+    run = Run(http, target.ws_url, recorder, time.monotonic(), args.audio_lead, args.timeout,
+              COMPRESSION if args.compression else 0)
     monitor = Monitor(run, target, args.scenario, args.sessions, fakes_pid,
                       progress=not args.quiet)
     idle = await target.settle(http, None)
@@ -512,7 +519,12 @@ def assemble(args: argparse.Namespace, target: Target, cycle: Cycle, outcome: Ou
             "reload_fraction": args.reload_fraction, "reload_rate_per_s": args.reload_rate,
             "cycles": args.cycles, "characters_per_directory": args.characters,
             "seed": args.seed, "audio_lead_s": args.audio_lead, "timeout_s": args.timeout,
-            "speech_cycle_s": round(cycle.period, 2),
+            "speech_cycle_s": round(cycle.period, 2), "compression": args.compression,
+        },
+        "clients": {
+            "compression": "permessage-deflate" if args.compression else None,
+            "sessions_with_compression": recorder.compressed,
+            "sessions_refused_compression": recorder.uncompressed,
         },
         "sessions_requested": args.sessions,
         "sessions_held": outcome.sessions_held,

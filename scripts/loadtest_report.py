@@ -37,7 +37,8 @@ def _number(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        text = f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
+        text = (f"{value:.2g}" if 0 < abs(value) < 1 else
+                f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}")
     else:
         text = str(value)
     return f"{text} {unit}".strip()
@@ -51,6 +52,16 @@ def _latency(figures: dict[str, Any] | None) -> str:
             f"(n={figures['count']})")
 
 
+def _clients(clients: dict[str, Any] | None) -> str:
+    if not clients:
+        return "-"
+    if clients["compression"]:
+        return (f"offer {clients['compression']} (negotiated by "
+                f"{clients['sessions_with_compression']}, refused to "
+                f"{clients['sessions_refused_compression']})")
+    return "no compression"
+
+
 def table(result: dict[str, Any]) -> str:
     """The summary printed at the end of a run."""
     rows: list[tuple[str, str]] = [
@@ -58,6 +69,7 @@ def table(result: dict[str, Any]) -> str:
          + (" (spawned, fake backends)" if result["target"]["spawned"] else "")),
         ("sessions held / requested",
          f"{result['sessions_held']} / {result['sessions_requested']}"),
+        ("clients", _clients(result.get("clients"))),
         ("reload", _latency(result.get("reload_ms"))),
         ("  the server's duration_ms", _latency(result.get("reload_server_ms"))),
         ("session start", _latency(result.get("session_start_ms"))),

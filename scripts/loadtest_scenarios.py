@@ -59,6 +59,8 @@ MIN_FRAMES = 50
 """Frames a window needs before its p99 is judged."""
 LATENESS_BUDGET_MS = 20.0
 STORM_GROWTH_BUDGET_MS = 5.0
+CPU_PER_SESSION_BUDGET = 0.35
+"""% of a core, the server process, per streaming session (compression negotiated)."""
 CAPACITY_BUDGET = 200
 CHURN_BUDGET = 10_000
 PSS_EVERY = 5
@@ -198,6 +200,13 @@ class Monitor:
         keys = {key for point in points for key in point}
         return {key: round(sum(p.get(key, 0.0) for p in points) / len(points), 1)
                 for key in sorted(keys)}
+
+    def server_cpu_within(self, windows: list[tuple[float, float]]) -> float | None:
+        """Mean CPU share (% of one core) of the server process over ``windows``."""
+        shares = [p["cpu_percent"]["server"] for p in self.timeline
+                  if "server" in p.get("cpu_percent", {})
+                  and any(start < p["t"] <= end for start, end in windows)]
+        return round(sum(shares) / len(shares), 1) if shares else None
 
     def pss_near(self, at: float) -> dict[str, Any] | None:
         """The last point with PSS figures taken at or before ``at`` (else the first)."""
@@ -433,6 +442,10 @@ async def reload_storm(ctx: Context) -> Outcome:
     before, during = percentile(quiet.within(calm), 99), percentile(quiet.within(stormy), 99)
     growth = round(during - before, 2) if before is not None and during is not None else None
     reloads = recorder.reload_ms.values
+    streaming = ctx.sessions - len(reloading)
+    server_cpu = ctx.monitor.server_cpu_within(calm)
+    per_session = (round(server_cpu / streaming, 3)
+                   if server_cpu is not None and streaming else None)
     budgets = [
         lateness_budget(ctx, stormy, "the others, during the storm"),
         Budget("growth of that p99 over the calm phases", growth, STORM_GROWTH_BUDGET_MS),
@@ -443,6 +456,10 @@ async def reload_storm(ctx: Context) -> Outcome:
                _rounded(percentile(reloads, 99)), 100.0,
                note="during the storm, beside the streaming sessions"),
         Budget("errors", sum(recorder.errors.values()), 0, unit=""),
+        Budget("server CPU per streaming session", per_session, CPU_PER_SESSION_BUDGET,
+               unit="% of a core", binding=False,
+               note="calm phases, " + ("compression negotiated" if ctx.run.compress
+                                       else "compression off: not the budget's condition")),
     ]
     return Outcome(
         sessions_held=held, measured=stormy, baseline=calm, load_at=phases[-1][2],
@@ -451,7 +468,9 @@ async def reload_storm(ctx: Context) -> Outcome:
             "reloading_sessions": len(reloading), "reload_rate_per_session": ctx.reload_rate,
             "phases_s": [[kind, round(a, 2), round(b, 2)] for kind, a, b in phases],
             "lateness_p99_calm_ms": _rounded(before),
-            "lateness_p99_storm_ms": _rounded(during), "growth_ms": growth},
+            "lateness_p99_storm_ms": _rounded(during), "growth_ms": growth,
+            "server_cpu_percent_calm": server_cpu,
+            "server_cpu_percent_per_streaming_session": per_session},
             "admin_api_at_end": admin},
     )
 

@@ -1,6 +1,8 @@
 """The load test's sessions: what each one does on its WebSocket, and what it measures.
 
     open ──▶ session.created ──▶ session.characters.list ─▶ .listed   (session start)
+               (permessage-deflate offered, as browsers and the websockets library do,
+               unless the run turns compression off)
     streaming: input_audio_buffer.append every 80 ms, on an absolute schedule (the
                cycle of scripts/loadtest_audio.py, looped), while a reader takes the
                replies: response.created ─▶ response.output_audio.delta … ─▶ response.done
@@ -45,6 +47,9 @@ from .loadtest_characters import Directories, check
 from .loadtest_stats import Recorder
 
 AUDIO_DELTA = "response.output_audio.delta"
+COMPRESSION = 15
+"""``ws_connect(compress=…)``: offer permessage-deflate with a 32 kB window, as
+browsers and the websockets library do; 0 offers nothing."""
 
 
 class _Character(msgspec.Struct):
@@ -100,6 +105,7 @@ class Run:
     """``time.monotonic()`` at the start of the run."""
     audio_lead: float
     timeout: float
+    compress: int = COMPRESSION
 
     def now(self) -> float:
         return time.monotonic() - self.zero
@@ -142,6 +148,7 @@ class Session:
         try:
             async with asyncio.timeout(run.timeout):
                 ws = await run.http.ws_connect(run.url, protocols=("realtime",),
+                                               compress=run.compress,
                                                timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
         except aiohttp.WSServerHandshakeError as exc:
             raise run.failed(f"client.http_{exc.status}", str(exc)) from None
@@ -149,6 +156,11 @@ class Session:
             raise run.failed("client.connect_failed", str(exc)) from None
         except TimeoutError:
             raise run.failed("client.timeout", f"connecting to {run.url}") from None
+        if run.compress:
+            if ws.compress:
+                run.recorder.compressed += 1
+            else:
+                run.recorder.uncompressed += 1
         session = cls(run, ws)
         try:
             created = await session.expect("session.created")

@@ -102,6 +102,9 @@ class Recorder:
     violation_examples: list[dict[str, Any]] = field(default_factory=list)
     mismatch_examples: list[dict[str, Any]] = field(default_factory=list)
     responses: collections.Counter[str] = field(default_factory=collections.Counter)
+    compressed: int = 0
+    uncompressed: int = 0
+    """Sessions that opened with, and without, ``permessage-deflate``."""
     reloads_checked: int = 0
     sessions_open: int = 0
     sessions_opened: int = 0

@@ -225,6 +225,8 @@ def a_result() -> dict[str, Any]:
         "session_start_ms": latency, "first_audio_ms": summary([]),
         "frame_lateness_ms": latency, "frame_lateness_baseline_ms": latency,
         "client_loop_lag_ms": latency, "errors_by_code": {"rate_limited": 2},
+        "clients": {"compression": "permessage-deflate", "sessions_with_compression": 4,
+                    "sessions_refused_compression": 0},
         "responses": {"completed": 3}, "leftover_processes": 0, "orphan_processes": 0,
         "server_rss_mb": 80.5, "sandbox_pss_mb_per_session": 4.6,
         "memory_mb_per_session": 5.1, "cpu_percent": {"server": 12.5},
@@ -248,6 +250,8 @@ def test_the_report_shows_every_budget(tmp_path: Path) -> None:
     assert "n/a  start" in text and "(for reference)" in text
     assert "rate_limited 2" in text and text.endswith("FAILED: a budget or the isolation "
                                                       "check failed")
+    assert "offer permessage-deflate (negotiated by 4, refused to 0)" in text
+    assert "no compression" in table({**result, "clients": {"compression": None}})
     write_json(result, tmp_path / "out" / "result.json")
     assert json.loads((tmp_path / "out" / "result.json").read_text()) == result
     write_html(result, tmp_path / "out" / "charts.html")
@@ -255,6 +259,11 @@ def test_the_report_shows_every_budget(tmp_path: Path) -> None:
     assert page.startswith("<!doctype html>") and "<script" not in page
     assert page.count("<svg") >= 5 and "Reload, client-observed (CDF)" in page
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
+
+
+def test_sessions_offer_compression_unless_told_not_to() -> None:
+    assert loadtest.parse_args(["--spawn-server"]).compression
+    assert not loadtest.parse_args(["--spawn-server", "--no-compression"]).compression
 
 
 @pytest.mark.parametrize("argv", [
@@ -337,6 +346,7 @@ async def test_errors_are_counted_by_code(server: TestClient, allowed_root: Path
         with pytest.raises(Failed):
             await Session.open(run)
     assert dict(run.recorder.errors) == {"directory_not_found": 1, "client.connect_failed": 1}
+    assert (run.recorder.compressed, run.recorder.uncompressed) == (1, 0)  # permessage-deflate
 
 
 # ── the script, with the server and fakes it starts ──────────────────────────
@@ -385,6 +395,9 @@ async def test_a_small_reload_storm(tmp_path: Path) -> None:
     assert result["reload_ms"]["count"] > 0
     assert result["answers_checked"] == 2 * result["reload_ms"]["count"]
     assert result["responses"].get("completed", 0) > 0  # the voice loop answered
+    assert result["clients"] == {"compression": "permessage-deflate",
+                                 "sessions_with_compression": 4,
+                                 "sessions_refused_compression": 0}
     assert result["server_rss_mb"] is not None and result["timeline"]
     assert (tmp_path / "charts.html").read_text().count("<svg") >= 5
 
