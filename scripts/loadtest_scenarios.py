@@ -511,9 +511,9 @@ async def churn(ctx: Context, http: aiohttp.ClientSession, baseline_children: in
     warm_at = run.now()
     await asyncio.gather(*(worker(i, ctx.cycles) for i in range(ctx.sessions)))
     elapsed = run.now() - started
-    await target.settle(http, baseline_children)
+    settled = await target.settle(http, baseline_children)
     rss_end = proc.rss_mb(target.pid) if target.pid else None
-    series = leftover_series(await _metrics(target, http), recorder.session_ids)
+    series = leftover_series(await _metrics(target, http), await live_labels(ctx, settled))
     drift = (round((rss_end - rss_warm) / rss_warm * 100, 2)
              if rss_warm and rss_end is not None else None)
     rate = done / elapsed if elapsed > 0 else 0.0
@@ -551,11 +551,27 @@ async def _metrics(target: Target, http: aiohttp.ClientSession) -> str | None:
 _SERIES = re.compile(r'^[a-z_]+\{[^}]*session_id="([^"]+)"', re.MULTILINE)
 
 
-def leftover_series(metrics: str | None, session_ids: set[str]) -> int | None:
-    """Prometheus series (samples) that still carry the id of one of our sessions."""
-    if metrics is None:
+def leftover_series(metrics: str | None, live: set[str] | None) -> int | None:
+    """Per-session Prometheus series (samples with a ``session_id`` label) whose
+    label is not that of a live session (``live``); None when either is unknown.
+    The label is the session's ordinal in the server process, not its id, so a
+    series cannot be traced back to one of our sessions once it has closed: what
+    no live session owns is left over."""
+    if metrics is None or live is None:
         return None
-    return sum(1 for match in _SERIES.finditer(metrics) if match[1] in session_ids)
+    return sum(1 for match in _SERIES.finditer(metrics) if match[1] not in live)
+
+
+async def live_labels(ctx: Context, health: dict[str, Any]) -> set[str] | None:
+    """The ``session_id`` labels of the sessions open on the settled server: none
+    when ``/v1/health`` counts none; else from the admin API (``metrics_label``), or
+    None without it (another client's sessions cannot be told from leftovers)."""
+    if health.get("sessions", {}).get("active") == 0:
+        return set()
+    sessions = await ctx.target.admin_sessions(ctx.run.http)
+    if sessions is None:
+        return None
+    return {str(s["metrics_label"]) for s in sessions if s.get("metrics_label") is not None}
 
 
 # ── profiling ────────────────────────────────────────────────────────────────

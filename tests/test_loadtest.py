@@ -196,17 +196,19 @@ def test_storm_phases_alternate_calm_first() -> None:
     assert len(storm_phases(0.0, 3.0)) == 2
 
 
-def test_leftover_series_counts_only_our_sessions() -> None:
+def test_leftover_series_are_those_no_live_session_owns() -> None:
     text = "\n".join([
         "# HELP session_character_count Characters loaded in a session.",
-        'session_character_count{session_id="sess_a"} 7.0',
-        'character_load_per_session_total{session_id="sess_a"} 2.0',
-        'session_character_count{session_id="sess_other"} 3.0',
+        'session_character_count{session_id="7"} 7.0',
+        'character_load_per_session_total{session_id="7"} 2.0',
+        'session_character_count{session_id="9"} 3.0',
         "sessions_active 1.0",
     ])
-    assert leftover_series(text, {"sess_a"}) == 2
-    assert leftover_series(text, {"sess_b"}) == 0
-    assert leftover_series(None, {"sess_a"}) is None
+    assert leftover_series(text, {"9"}) == 2
+    assert leftover_series(text, {"7", "9"}) == 0
+    assert leftover_series(text, set()) == 3
+    assert leftover_series(None, set()) is None
+    assert leftover_series(text, None) is None
 
 
 def test_nice_ticks_cover_the_data() -> None:
@@ -316,15 +318,15 @@ async def test_a_reload_of_another_sessions_set_is_a_violation(
             assert run.recorder.violations == 2 and run.recorder.mismatches == 2
 
             metrics = await (await server.get("/metrics")).text()
-            assert leftover_series(metrics, {session.id}) >= 2  # the gauge, the counter
+            assert leftover_series(metrics, set()) >= 2  # its gauge and counter, while open
         finally:
             await session.close()
         for _ in range(int(200 * SCALE)):  # the server ends the session after the close
             metrics = await (await server.get("/metrics")).text()
-            if leftover_series(metrics, {session.id}) == 0:
+            if leftover_series(metrics, set()) == 0:
                 break
             await asyncio.sleep(0.05)
-        assert leftover_series(metrics, {session.id}) == 0
+        assert leftover_series(metrics, set()) == 0
         assert run.recorder.sessions_open == 0 and run.recorder.sessions_opened == 1
         assert len(run.recorder.session_start_ms) == 1
 
