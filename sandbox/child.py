@@ -15,6 +15,7 @@ tree is unreadable from then on.
 
 from __future__ import annotations
 
+import json
 import marshal
 import os
 import signal
@@ -66,7 +67,7 @@ class Child:
                     raise TypeError(f"make_system_prompt() returned {type(text).__name__}, not str")
                 return wire.Prompt(id=id, text=text, output=self.output.take()[0])
             case wire.GetTools(id, name):
-                return wire.Tools(id=id, tools=self.character(name).tools)
+                return wire.Tools(id=id, tools=json.dumps(self.character(name).tools))
             case wire.CallTool(id, name, tool, arguments):
                 return wire.ToolResult(id=id, result=self.call_tool(name, tool, arguments),
                                        output=self.output.take()[0])
@@ -196,6 +197,9 @@ def main(
     try:
         protections = namespaces + containment.enter(limits, channel, seccomp_program)
         os.environ["TROUPE_LLM_NAME"] = limits.llm_name
+        # No threads in a sandbox (seccomp): numeric libraries must not try to start any.
+        for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[variable] = "1"
         output = containment.CappedOutput(limits.output_bytes)
         sys.stdout = sys.stderr = output
         sys.path.insert(0, containment.SHIMS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -165,7 +166,14 @@ class Sandbox:
 
     async def tools(self, name: str) -> builtins.list[dict[str, Any]]:
         reply = await self._call(lambda id: wire.GetTools(id=id, name=name), "tools", wire.Tools)
-        return reply.tools
+        try:
+            tools = json.loads(reply.tools)
+        except (ValueError, RecursionError):
+            tools = None
+        if not isinstance(tools, builtins.list) or not all(
+                isinstance(tool, dict) for tool in tools):
+            raise CallFailed(f"{name}'s tools did not come back as a JSON list", "InvalidTools")
+        return tools
 
     async def call_tool(self, name: str, tool: str, arguments: dict[str, Any]) -> str:
         reply = await self._call(

@@ -20,9 +20,12 @@ from pathlib import Path
 from types import CodeType, ModuleType
 from typing import Any
 
-from .wire import CharacterInfo
+import msgspec
+
+from .wire import MAX_TOOLS_JSON, CharacterInfo, VoiceSource
 
 PACKAGE = "characters"
+_MAX_TOOLS = 128
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -170,6 +173,14 @@ def _check_voice_source(voice_source: dict[str, Any]) -> None:
             "InvalidVoiceSource", "VOICE_SOURCE needs a string 'source_type' (e.g. 'file')"
         )
     _require_json("InvalidVoiceSource", "VOICE_SOURCE", voice_source)
+    try:
+        msgspec.convert(voice_source, VoiceSource)
+    except msgspec.ValidationError as exc:
+        raise CharacterError(
+            "InvalidVoiceSource",
+            f"VOICE_SOURCE must map at most 32 names to strings, numbers, booleans or None "
+            f"(or to one flat dict of those): {exc}",
+        ) from None
 
 
 def _metadata(module: ModuleType) -> tuple[bool | None, str | None]:
@@ -192,6 +203,8 @@ def _tools(module: ModuleType, generator: type) -> list[dict[str, Any]]:
         return []
     if not isinstance(raw, list):
         raise CharacterError("InvalidTools", "TOOLS must be a list of function definitions")
+    if len(raw) > _MAX_TOOLS:
+        raise CharacterError("InvalidTools", f"TOOLS holds {len(raw)} tools; at most {_MAX_TOOLS}")
     tools, names = [], set()
     for index, entry in enumerate(raw):
         function = entry.get("function", entry) if isinstance(entry, dict) else None
@@ -220,6 +233,8 @@ def _tools(module: ModuleType, generator: type) -> list[dict[str, Any]]:
         }
         _require_json("InvalidTools", f"tool {name!r}", tool)
         tools.append(tool)
+    if len(json.dumps(tools)) > MAX_TOOLS_JSON:
+        raise CharacterError("InvalidTools", f"TOOLS is over {MAX_TOOLS_JSON} bytes as JSON")
     handler: Callable[..., Any] | None = getattr(generator, "handle_tool_call", None)
     if not callable(handler):
         raise CharacterError(

@@ -38,6 +38,8 @@ _READY_TIMEOUT = 10.0
 _TICKS = os.sysconf("SC_CLK_TCK")
 WARM_WINDOW = 300.0
 """Seconds within which a second load of a directory makes it worth keeping warm."""
+WARM_MAX_RSS = 64 * 1024 * 1024
+"""A warm child holding more memory than this after its load is not kept."""
 _FINGERPRINT_LIMIT = 2000
 """Entries a fingerprint looks at; a bigger tree is never kept warm."""
 Fingerprint = tuple[tuple[str, int, int, int], ...]
@@ -52,8 +54,8 @@ class Pool:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._live: set[ChildProcess] = set()
-        self._cpu: dict[ChildProcess, tuple[int, int]] = {}
-        """CPU ticks and request count of each handed-out child at the last check."""
+        self._cpu: dict[ChildProcess, tuple[int, float]] = {}
+        """CPU ticks and busy seconds of each handed-out child at the last check."""
         self.code_cache = CodeCache()
         self._warm: collections.OrderedDict[str, tuple[Sandbox, Fingerprint, int]] = (
             collections.OrderedDict()
@@ -172,7 +174,12 @@ class Pool:
 
     async def keep_warm(self, directory: str, max_characters: int, fingerprint: Fingerprint,
                         sandbox: Sandbox) -> None:
-        """Keep ``sandbox`` (loaded with ``directory``) for the next load of it."""
+        """Keep ``sandbox`` (loaded with ``directory``) for the next load of it,
+        unless its load made it hold more than ``WARM_MAX_RSS`` (nobody's session
+        pays for a warm child: it must stay cheap)."""
+        if sandbox.pid is None or _rss_bytes(sandbox.pid) > WARM_MAX_RSS:
+            await sandbox.close()
+            return
         previous = self._warm.pop(directory, None)
         self._warm[directory] = (sandbox, fingerprint, max_characters)
         evicted = [previous[0]] if previous is not None else []
@@ -227,26 +234,29 @@ class Pool:
             child.kill_now("its zygote died", innocent=True)
 
     async def _watch_idle_cpu(self) -> None:
+        """Charge each child the CPU it used beyond its time serving requests (a
+        single thread cannot use more); kill it past ``idle_cpu_seconds`` in one
+        ``idle_check_interval``. An abandoned request still counts as work until the
+        child answers it (then the reply is dropped)."""
         interval = self.config.idle_check_interval
-        allowed = self.config.idle_cpu_seconds * _TICKS
         while True:
             await asyncio.sleep(interval)
             idle = set(self._idle)
             watched = [child for child in self._live if child not in idle and child.alive]
-            # Before reading: a request started during the reads makes the sample void.
-            requests = [child.requests for child in watched]
             # /proc reads off the loop: 200 children cost ~4 ms.
-            pids = [child.pid for child in watched]
-            ticks = await asyncio.to_thread(lambda: [_cpu_ticks(pid) for pid in pids])
-            for child, now, asked in zip(watched, ticks, requests, strict=True):
+            ticks = await asyncio.to_thread(_cpu_ticks_of, [child.pid for child in watched])
+            for child, now in zip(watched, ticks, strict=True):
+                busy = child.busy_seconds()
                 before = self._cpu.get(child)
-                self._cpu[child] = (now, asked)
-                if before is None or child.busy or child.requests != before[1]:
-                    continue  # it answered a request in between: that CPU was work
-                if now - before[0] > allowed and child.alive:
+                self._cpu[child] = (now, busy)
+                if before is None or not child.alive:
+                    continue
+                excess = (now - before[0]) / _TICKS - (busy - before[1])
+                if excess > self.config.idle_cpu_seconds:
                     child.kill_now(
-                        f"it used {(now - before[0]) / _TICKS:.1f} s of CPU in {interval:g} s "
-                        "while idle (a thread or loop left running by character code?)"
+                        f"it used {excess:.1f} s of CPU in {interval:g} s beyond serving "
+                        "requests (a loop, timer or finaliser left running by character "
+                        "code?)"
                     )
 
 
@@ -268,6 +278,18 @@ def directory_fingerprint(directory: str) -> Fingerprint:
     except OSError:
         return ()
     return tuple(sorted(found))
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _cpu_ticks_of(pids: list[int]) -> list[int]:
+    return [_cpu_ticks(pid) for pid in pids]
 
 
 def _cpu_ticks(pid: int) -> int:

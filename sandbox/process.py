@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -203,7 +204,9 @@ class ChildProcess:
         self.dead_reason: str | None = None
         self.protections: list[str] = []
         self.requests = 0
-        """Requests sent so far (the idle-CPU watchdog tells work from idling by it)."""
+        """Requests sent so far."""
+        self._busy_seconds = 0.0
+        self._busy_since: float | None = None
         self.innocent = False
         """Killed for a cause of ours (see ``kill_now``)."""
         self.on_idle_death: Callable[[str], None] | None = None
@@ -248,6 +251,13 @@ class ChildProcess:
         """A request is in flight."""
         return bool(self._waiting)
 
+    def busy_seconds(self) -> float:
+        """Wall-clock seconds spent with a request outstanding (awaited or abandoned),
+        in the child's life: the most CPU a child without threads may use for its
+        work (the watchdog charges it for the rest)."""
+        ongoing = time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+        return self._busy_seconds + ongoing
+
     def next_id(self) -> int:
         self._next_id += 1
         return self._next_id
@@ -256,6 +266,8 @@ class ChildProcess:
         """Start waiting for replies to ``request_id`` (before sending it)."""
         replies: asyncio.Queue[wire.Reply | None] = asyncio.Queue()
         self.requests += 1
+        if self._busy_since is None:
+            self._busy_since = time.monotonic()
         if self.dead_reason is not None:
             replies.put_nowait(None)
         self._waiting[request_id] = replies
@@ -266,6 +278,7 @@ class ChildProcess:
         self._waiting.pop(request_id, None)
         if not answered:
             self._abandoned.add(request_id)
+        self._settle_busy()
 
     async def send_frame(self, message: wire.Message) -> None:
         if not self.alive:
@@ -357,8 +370,8 @@ class ChildProcess:
         try:
             for frame in self._frames.feed(data):
                 self._route(wire.decode_reply(frame))
-        except (wire.FrameTooLarge, msgspec.DecodeError, ChildDied) as exc:
-            self._die(f"it broke the protocol: {exc}")
+        except (wire.FrameTooLarge, msgspec.DecodeError, ChildDied, RecursionError) as exc:
+            self._die(f"it broke the protocol: {exc or type(exc).__name__}")
 
     def _route(self, reply: wire.Reply) -> None:
         replies = self._waiting.get(reply.id)
@@ -367,8 +380,16 @@ class ChildProcess:
         elif reply.id in self._abandoned:
             if wire.is_final(reply):
                 self._abandoned.discard(reply.id)
+                self._settle_busy()
         else:
             raise ChildDied(f"it answered request {reply.id}, which was never asked")
+
+    def _settle_busy(self) -> None:
+        """Stop the busy clock once no request is outstanding: neither awaited nor
+        abandoned (the child is still working on an abandoned one)."""
+        if not self._waiting and not self._abandoned and self._busy_since is not None:
+            self._busy_seconds += time.monotonic() - self._busy_since
+            self._busy_since = None
 
     def _die(self, reason: str) -> None:
         if self.dead_reason is None:

@@ -14,12 +14,25 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 MAX_FRAME = 8 * 1024 * 1024
 """Largest frame either side accepts; a bigger one is a protocol violation."""
+
+# What a reply may hold is bounded by its type as well as by its size: a frame of
+# 8 MiB of empty maps would decode into 8 million dicts on the host (the red team's
+# "small replies become huge" attack), so replies carry no ``Any`` and every list or
+# map has a maximum length. Tools, whose JSON schemas nest freely, travel as JSON text
+# (``MAX_TOOLS_JSON``) that the host decodes only when a reply needs them.
+Scalar = str | int | float | bool | None
+_Flat = Annotated[dict[str, Scalar], msgspec.Meta(max_length=32)]
+VoiceSource = Annotated[dict[str, Scalar | _Flat], msgspec.Meta(max_length=32)]
+"""A ``VOICE_SOURCE``: at most 32 keys of scalars or flat maps (Unmute's freesound
+source nests one, ``sound_instance``)."""
+_MANY = msgspec.Meta(max_length=1000)
+MAX_TOOLS_JSON = 256 * 1024
 
 _HEADER = struct.Struct("!I")
 
@@ -92,10 +105,10 @@ class CharacterInfo(msgspec.Struct, omit_defaults=False):
 
     name: str
     file: str
-    voice_source: dict[str, Any]
+    voice_source: VoiceSource
     good: bool | None = None
     comment: str | None = None
-    tool_names: list[str] = []
+    tool_names: Annotated[list[str], msgspec.Meta(max_length=128)] = []
 
 
 class FileError(msgspec.Struct):
@@ -118,21 +131,21 @@ class Compiled(Message):
     may cache them for any later load of the same files."""
 
     id: int
-    blobs: list[CodeBlob]
+    blobs: Annotated[list[CodeBlob], _MANY]
 
 
 class Loaded(Message):
     id: int
     directory: str
     total_files: int
-    characters: list[CharacterInfo]
-    errors: list[FileError]
+    characters: Annotated[list[CharacterInfo], _MANY]
+    errors: Annotated[list[FileError], _MANY]
     output: str = ""
 
 
 class Listed(Message):
     id: int
-    characters: list[CharacterInfo]
+    characters: Annotated[list[CharacterInfo], _MANY]
 
 
 class Prompt(Message):
@@ -142,8 +155,10 @@ class Prompt(Message):
 
 
 class Tools(Message):
+    """``tools``: the character's TOOLS as JSON text (see ``MAX_TOOLS_JSON``)."""
+
     id: int
-    tools: list[dict[str, Any]]
+    tools: Annotated[str, msgspec.Meta(max_length=MAX_TOOLS_JSON)]
 
 
 class ToolResult(Message):
@@ -158,7 +173,7 @@ class Pong(Message):
 
     id: int
     pid: int
-    protections: list[str] = []
+    protections: Annotated[list[str], msgspec.Meta(max_length=32)] = []
 
 
 class Failed(Message):

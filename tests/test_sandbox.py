@@ -162,7 +162,8 @@ async def test_child_is_contained(pool: Pool, tmp_path: Path) -> None:
     assert seen["file_size"] == 1024 * 1024
     assert seen["stdin_is_null"] is True
     assert set(seen["environment"]) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
-                                        "TROUPE_LLM_NAME"}
+                                        "TROUPE_LLM_NAME", "OPENBLAS_NUM_THREADS",
+                                        "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
     assert len(seen["fds"]) == 4  # stdin, stdout, stderr and the channel: nothing else
     await sandbox.close()
 
@@ -297,3 +298,47 @@ async def test_a_changed_file_is_never_served_from_a_warm_child(
     assert sandbox.pid != kept
     assert await sandbox.system_prompt("A") == "two, longer"
     await sandbox.close()
+
+
+async def test_the_cpu_watchdog_charges_idling_not_work(tmp_path: Path) -> None:
+    """A long request, even one whose caller went away, is work; a loop that goes on
+    after the answer is not."""
+    pool = Pool(SandboxConfig(call_timeout=5.0 * SCALE, pool_size=0, idle_check_interval=0.2,
+                              idle_cpu_seconds=0.1), Recorder())
+    await pool.start()
+    worker = prompt_character("Worker", """
+        import time
+        end = time.process_time() + 0.8
+        while time.process_time() < end:
+            pass
+        return "done" """)
+    idler = prompt_character("Idler", """
+        import signal
+        def spin(*_):
+            while True:
+                pass
+        signal.signal(signal.SIGALRM, spin)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return "idling" """)
+    sandbox = await loaded(pool, write_directory(tmp_path, "d", {"w.py": worker, "i.py": idler}))
+    pid = await sandbox.ping()
+    try:
+        assert await sandbox.system_prompt("Worker") == "done"
+        abandoned = asyncio.create_task(sandbox.system_prompt("Worker"))
+        await asyncio.sleep(0.1)
+        abandoned.cancel()
+        await asyncio.sleep(1.2)  # the child finishes the abandoned request
+        assert await sandbox.ping() == pid  # work is not idling: never killed
+
+        died: list[str] = []
+        sandbox.on_idle_death = died.append
+        assert await sandbox.system_prompt("Idler") == "idling"
+        for _ in range(int(100 * SCALE)):
+            if died:
+                break
+            await asyncio.sleep(0.05)
+        assert died and "CPU" in died[0]
+        assert await sandbox.ping() != pid  # restarted on the same directory
+    finally:
+        await sandbox.close()
+        await pool.close()
