@@ -83,10 +83,10 @@ def table(result: dict[str, Any]) -> str:
         ("isolation violations", f"{result['isolation_violations']} "
          f"(mismatched sets {result['reload_mismatches']}, "
          f"answers checked {result['answers_checked']})"),
-        ("errors", ", ".join(f"{code} {count}" for code, count in
-                             sorted(result["errors_by_code"].items())) or "none"),
-        ("replies", ", ".join(f"{status} {count}" for status, count in
-                              sorted(result["responses"].items())) or "none"),
+        ("errors by code", ", ".join(f"{code} {count}" for code, count in
+                                     sorted(result["errors_by_code"].items())) or "none"),
+        ("replies (response.done)", ", ".join(f"{status} {count}" for status, count in
+                                              sorted(result["responses"].items())) or "none"),
         ("server RSS", _number(result.get("server_rss_mb"), "MB")),
         ("sandbox PSS per session", _number(result.get("sandbox_pss_mb_per_session"), "MB")),
         ("memory per session", _number(result.get("memory_mb_per_session"), "MB")

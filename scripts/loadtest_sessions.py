@@ -268,6 +268,14 @@ class Session:
     # ── the reader ───────────────────────────────────────────────────────────
 
     async def _read(self) -> None:
+        try:
+            await self._receive()
+        except Exception as exc:  # a defect here: counted, never a silent end
+            self.run.error("client.reader_failed", repr(exc), self.id)
+            self._uncount()
+            self._fail(Failed("client.reader_failed", repr(exc)))
+
+    async def _receive(self) -> None:
         run = self.run
         while True:
             message = await self.ws.receive()

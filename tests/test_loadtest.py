@@ -253,6 +253,9 @@ def test_the_report_shows_every_budget(tmp_path: Path) -> None:
     assert "rate_limited 2" in text and text.endswith("FAILED: a budget or the isolation "
                                                       "check failed")
     assert "offer permessage-deflate (negotiated by 4, refused to 0)" in text
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    assert "rate_limited 2" in lines["errors by code"]
+    assert "completed 3" in lines["replies (response.done)"]
     assert "no compression" in table({**result, "clients": {"compression": None}})
     write_json(result, tmp_path / "out" / "result.json")
     assert json.loads((tmp_path / "out" / "result.json").read_text()) == result
@@ -424,5 +427,7 @@ async def test_a_small_capacity_run(tmp_path: Path) -> None:
     check_common(code, result, output)
     capacity = result["capacity"]
     assert capacity["windows"] and 0 <= result["sessions_held"] <= 3
+    assert any(b["name"] == "errors" for b in result["budgets"])
+    assert "errors by code" in output
     assert not any(b["ok"] is not None for b in result["budgets"]
                    if b["name"].startswith("sessions streaming"))  # fewer than 200 asked
