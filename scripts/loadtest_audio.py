@@ -74,8 +74,8 @@ class Cycle:
 
     def stt_script(self) -> dict[str, object]:
         """What ``scripts.loadtest_fakes`` needs to hear this cycle."""
-        return {"words": self.heard(), "end": self.speech_end, "period": self.period,
-                "reply": REPLY, "frames_per_word": TTS_FRAMES_PER_WORD}
+        return {"utterances": [{"words": self.heard(), "end": self.speech_end}],
+                "period": self.period, "reply": REPLY, "frames_per_word": TTS_FRAMES_PER_WORD}
 
 
 def synthesized_speech(text: str = PHRASE, cache: Path = CACHE) -> Path:

@@ -1,7 +1,8 @@
 """The three protocol-faithful fake backends for ``scripts/loadtest.py --spawn-server``,
 in their own process so that their work is not counted as the load generator's.
 
-    python -m scripts.loadtest_fakes '{"words": [["Hello", 0.3], …], "end": 3.1,
+    python -m scripts.loadtest_fakes '{"utterances": [{"words": [["Hello", 0.3], …],
+                                                        "end": 3.1}, …],
                                        "period": 8.0, "reply": "…", "frames_per_word": 3}'
     stdout ◀── one JSON line: {"stt": "ws://127.0.0.1:…", "tts": "ws://…",
                                "llm": "http://…/v1", "model": "fake-model", "pid": …}
@@ -11,9 +12,10 @@ in their own process so that their work is not counted as the load generator's.
 The fakes are the test suite's own (``tests/fake_*.py``), configured for a long run:
 
 - STT (``LoopingKyutaiSTT``): moshi-server's ``/api/asr-streaming`` exactly, but the
-  scripted words repeat every ``period`` seconds of audio for as long as a session
-  streams, with the pause head high between utterances, so the server's turn-taking
-  ends every utterance and answers it. It does not keep the audio it receives (the
+  scripted utterances repeat every ``period`` seconds of audio for as long as a
+  session streams, with the pause head high between them, so the server's
+  turn-taking ends every utterance and answers it (and takes one that starts while
+  the character speaks for a barge-in). It does not keep the audio it receives (the
   test fake keeps every sample for its assertions: gigabytes in a load test).
 - LLM (``FakeOpenAI``): answers every request with the same streamed ``reply``.
 - TTS (``FakeKyutaiTTS``): ``frames_per_word`` 80 ms frames of tone per word.
@@ -81,21 +83,27 @@ def array_length(data: bytes | msgspec.Raw) -> int | None:
     return None
 
 
-class LoopingTranscript:
-    """One stream's answers, without I/O: the script repeats every ``period`` seconds
-    (a whole number of 80 ms frames). Words, ``EndWord``s and ``Step``s come out as
-    ``FakeKyutaiSTT`` sends them, ``delay_steps`` frames after the audio they are about."""
+Heard = list[tuple[str, float]]
+"""One utterance's words, each with the second it starts at."""
 
-    def __init__(self, words: list[tuple[str, float]], end: float, period: float,
+
+class LoopingTranscript:
+    """One stream's answers, without I/O: the script (utterances, each its words and
+    the second it ends) repeats every ``period`` seconds (a whole number of 80 ms
+    frames). Words, ``EndWord``s and ``Step``s come out as ``FakeKyutaiSTT`` sends
+    them, ``delay_steps`` frames after the audio they are about."""
+
+    def __init__(self, utterances: list[tuple[Heard, float]], period: float,
                  delay_steps: int) -> None:
         self.period_frames = max(1, round(period / FRAME_SEC))
         self.delay_steps = delay_steps
-        self.speech = (words[0][1], end) if words else (0.0, 0.0)
-        stops = [start for _, start in words[1:]] + [end]
+        self.speech = [(words[0][1], end) for words, end in utterances if words]
         self.due: dict[int, list[tuple[str, str, float]]] = collections.defaultdict(list)
-        for (word, start), stop in zip(words, stops, strict=True):
-            self.due[self._frame(start)].append(("Word", word, start))
-            self.due[self._frame(stop)].append(("EndWord", word, stop))
+        for words, end in utterances:
+            stops = [start for _, start in words[1:]] + [end]
+            for (word, start), stop in zip(words, stops, strict=True):
+                self.due[self._frame(start)].append(("Word", word, start))
+                self.due[self._frame(stop)].append(("EndWord", word, stop))
         self.samples = 0
         self.frames = 0
         self.markers: list[tuple[int, int]] = []
@@ -128,7 +136,7 @@ class LoopingTranscript:
 
     def _step(self, heard: int) -> dict[str, Any]:
         at = (heard % self.period_frames) * FRAME_SEC
-        speaking = heard >= 0 and self.speech[0] <= at < self.speech[1]
+        speaking = heard >= 0 and any(start <= at < end for start, end in self.speech)
         prs = [OTHER_HEADS] * 4
         prs[PAUSE_HEAD] = SPEAKING if speaking else PAUSED
         return {"type": "Step", "step_idx": self.frames - 1, "prs": prs,
@@ -143,9 +151,9 @@ class LoopingTranscript:
 class LoopingKyutaiSTT(FakeKyutaiSTT):
     """``FakeKyutaiSTT`` whose script repeats every ``period`` seconds of audio."""
 
-    def __init__(self, words: list[tuple[str, float]], end: float, period: float) -> None:
+    def __init__(self, utterances: list[tuple[Heard, float]], period: float) -> None:
         super().__init__(connections=collections.deque(maxlen=KEEP))  # type: ignore[arg-type]
-        self.looping = (words, end, period)
+        self.looping = (utterances, period)
 
     # Replaces the fake's private stream loop (same messages, same rules) with one
     # that loops the script and keeps no audio.
@@ -188,8 +196,9 @@ class EndlessReplies(collections.deque[Reply]):
 
 
 async def serve(script: dict[str, Any]) -> None:
-    words = [(str(word), float(start)) for word, start in script["words"]]
-    stt = LoopingKyutaiSTT(words, float(script["end"]), float(script["period"]))
+    utterances = [([(str(word), float(start)) for word, start in utterance["words"]],
+                   float(utterance["end"])) for utterance in script["utterances"]]
+    stt = LoopingKyutaiSTT(utterances, float(script["period"]))
     tts = FakeKyutaiTTS(frames_per_word=int(script["frames_per_word"]),
                         connections=collections.deque(maxlen=KEEP))  # type: ignore[arg-type]
     pieces = [word + " " for word in str(script["reply"]).split()]

@@ -123,7 +123,7 @@ def test_check_tells_violations_from_mismatches() -> None:
 
 
 def test_the_looping_transcript_repeats_every_period() -> None:
-    stream = LoopingTranscript([("hello", 0.16), ("there", 0.4)], end=0.64, period=1.6,
+    stream = LoopingTranscript([([("hello", 0.16), ("there", 0.4)], 0.64)], period=1.6,
                                delay_steps=0)
     out = stream.audio(2 * 1920 * 20)  # two periods of 20 frames
     words = [(m["text"], round(m["start_time"], 2)) for m in out if m["type"] == "Word"]
@@ -135,11 +135,22 @@ def test_the_looping_transcript_repeats_every_period() -> None:
     assert speaking == [1, 2, 3, 4, 5, 6, 21, 22, 23, 24, 25, 26]
     assert all(p == PAUSED for i, p in enumerate(steps) if i not in speaking)
 
-    delayed = LoopingTranscript([("hello", 0.16)], end=0.64, period=1.6, delay_steps=2)
+    delayed = LoopingTranscript([([("hello", 0.16)], 0.64)], period=1.6, delay_steps=2)
     assert [m["type"] for m in delayed.audio(1920)] == ["Step"]
     assert delayed.marker(7) == []  # once the audio before it and the delay are through
     assert delayed.audio(1920)[-1]["type"] == "Step"
     assert delayed.audio(1920)[-1] == {"type": "Marker", "id": 7}
+
+
+def test_the_looping_transcript_hears_every_utterance_of_the_cycle() -> None:
+    stream = LoopingTranscript([([("question", 0.16)], 0.48), ([("wait", 0.96)], 1.2)],
+                               period=1.6, delay_steps=0)
+    out = stream.audio(1920 * 20)
+    assert [(m["type"], m.get("text")) for m in out if m["type"] != "Step"] == [
+        ("Word", "question"), ("EndWord", None), ("Word", "wait"), ("EndWord", None)]
+    steps = [m["prs"][PAUSE_HEAD] for m in out if m["type"] == "Step"]
+    # A pause between the two, long enough for the server to end the first turn.
+    assert [i for i, p in enumerate(steps) if p == SPEAKING] == [1, 2, 3, 4, 11, 12, 13]
 
 
 def test_audio_messages_are_counted_without_decoding() -> None:
