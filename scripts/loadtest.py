@@ -27,14 +27,19 @@ What a session does (GA dialect, ``?model=``): it connects, offering
 SDK's transport) do (``--no-compression``: it does not), waits for
 ``session.created`` and lists its default characters (session start). A streaming
 session then sends real speech in real time, 80 ms of 24 kHz pcm16 at a time, in a
-loop: an utterance synthesised once by the embedded piper voice and cached under the
-system temp directory (``--wav`` to use another file), then silence long enough for
-the character's reply; the server's turn-taking answers each utterance and the
-session receives the reply audio. A reloading session reloads its own generated
-directories (``scripts/loadtest_characters.py``: 20 characters each, some sharing
-file names with every other session's) and checks that both the reload's answer and
-a list right after it name exactly the directory's characters: any character of
-another session's set is an isolation violation, printed with its details.
+loop (``scripts/loadtest_audio.py``): a question synthesised once by the embedded
+piper voice and cached under the system temp directory (``--wav`` to use another
+file); the character's reply, which the person interrupts (a shorter utterance
+spoken over it, starting at a moment drawn per run, different in each of the
+cycle's two blocks); the reply to the interruption, heard to the end; silence. The
+server's turn-taking answers each utterance, cancels the reply spoken over
+(``response.done`` cancelled) and the session receives the reply audio. With
+``--no-interruptions`` the cycle is one question and its whole reply. A reloading
+session reloads its own generated directories (``scripts/loadtest_characters.py``:
+20 characters each, some sharing file names with every other session's) and checks
+that both the reload's answer and a list right after it name exactly the
+directory's characters: any character of another session's set is an isolation
+violation, printed with its details.
 
 Scenarios (``--scenario``; what ``--sessions``, ``--duration`` and ``--ramp`` mean):
 
@@ -61,17 +66,19 @@ Figures (milliseconds; percentiles interpolate between ranks):
 
 - reload: from sending ``session.characters.reload`` to ``.reloaded``.
 - session start: from opening the WebSocket to ``session.characters.listed``.
-- first audio: from sending the last 80 ms of an utterance to the reply's first
-  ``response.output_audio.delta``.
+- first audio: from sending the last 80 ms of an utterance to the first
+  ``response.output_audio.delta`` of the reply to its turn.
 - audio-frame lateness, per reply frame k after the first (t0 = the first frame's
   arrival, S_k = samples before frame k, lead = the server's ``--audio-lead``)::
 
       lateness_k = max(0, arrival_k - (t0 + max(0, S_k / 24000 - lead)))
 
   The server sends the first ``lead`` seconds of a reply at once and every later
-  frame ``lead`` ahead of real time, so an on-time frame has lateness 0. Measured in
-  this process: "load generator lag" (how late its own event loop wakes) says how
-  much of it may be the load generator's own.
+  frame ``lead`` ahead of real time, so an on-time frame has lateness 0. A reply cut
+  short by an interruption just stops: its frames count up to its
+  ``response.done``, frames arriving after it are only tallied (``stale_frames``).
+  Measured in this process: "load generator lag" (how late its own event loop
+  wakes) says how much of it may be the load generator's own.
 - memory: server RSS (and PSS), the PSS of every process below the server (fork
   server and sandbox children), per session = (that at full load − the idle server
   before the run) / sessions. Leftover processes = processes below the server once
@@ -98,8 +105,12 @@ The JSON file's top level: ``scenario``, ``sessions_requested``, ``sessions_held
 ``session_start_ms``, ``session_created_ms``, ``first_audio_ms``,
 ``frame_lateness_ms`` (each ``{count, p50, p95, p99, max, mean}``),
 ``errors_by_code`` (server codes, and ``client.*`` for what the client saw: a refused
-connection, a close code, a timeout), ``clients`` (whether sessions offered
-compression, how many negotiated it), ``leftover_processes``, ``orphan_processes``,
+connection, a close code, a timeout), ``clients`` (whether sessions interrupted and
+offered compression, how many negotiated it, the interruption offsets),
+``interruptions_made``, ``interrupted_at_ms`` (reply audio received when each began),
+``responses`` (``response.done`` by status: completed, cancelled, failed),
+``turns`` (asked, answered, merged, superseded, in flight at the end, unanswered:
+``scripts/loadtest_stats.Turns``), ``leftover_processes``, ``orphan_processes``,
 ``server_rss_mb``, ``sandbox_pss_mb_per_session``, ``memory_mb_per_session``,
 ``cpu_percent``, ``budgets`` (each ``{name, value, limit, comparison, unit, ok,
 binding, note}``), ``passed``, the scenario's own section (``capacity``,
@@ -134,7 +145,16 @@ from yarl import URL
 
 from . import loadtest_proc as proc
 from .client import CannotStart
-from .loadtest_audio import PHRASE, Cycle, build_cycle, synthesized_speech, words_of
+from .loadtest_audio import (
+    INTERRUPTION,
+    PHRASE,
+    Cycle,
+    build_cycle,
+    interruption_offsets,
+    load_speech,
+    synthesized_speech,
+    words_of,
+)
 from .loadtest_characters import CHARACTERS_PER_DIRECTORY, Directories
 from .loadtest_report import table, write_html, write_json
 from .loadtest_scenarios import (
@@ -224,9 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="N", help="characters per generated directory (default: "
                         "%(default)s, as the reload budget's)")
     parser.add_argument("--wav", type=Path, metavar="FILE",
-                        help="speech to stream instead of the synthesised phrase (any "
-                        "rate and channels); --spawn-server's fake STT hears the phrase's "
-                        "words spread over its voiced part")
+                        help="speech to stream instead of the synthesised phrases, for "
+                        "the question and the interruption (any rate and channels); "
+                        "--spawn-server's fake STT hears the question's words spread over "
+                        "its voiced part")
+    parser.add_argument("--no-interruptions", dest="interruptions", action="store_false",
+                        help="never speak over the character's reply (by default sessions "
+                        "interrupt twice a cycle, as people do)")
     parser.add_argument("--no-compression", dest="compression", action="store_false",
                         help="do not offer permessage-deflate (by default sessions offer "
                         "it, as browsers and the openai SDK's websockets do)")
@@ -373,11 +397,17 @@ class Prepared:
     directories: Directories
 
 
-def prepare(args: argparse.Namespace) -> Prepared:
-    """Make the speech (once per machine) and write the character directories.
-    Raises ``CannotStart`` for a ``--wav`` that cannot be read."""
-    wav = args.wav or synthesized_speech()
-    cycle = build_cycle(wav, words_of(PHRASE), args.audio_lead)
+def prepare(args: argparse.Namespace, rng: random.Random) -> Prepared:
+    """Make the speech (once per machine), lay out the cycle (interruption offsets
+    drawn from ``rng``) and write the character directories. Raises ``CannotStart``
+    for a ``--wav`` that cannot be read."""
+    question = load_speech(args.wav or synthesized_speech(), words_of(PHRASE))
+    if args.interruptions:
+        interruption = (question if args.wav else
+                        load_speech(synthesized_speech(INTERRUPTION), words_of(INTERRUPTION)))
+        cycle = build_cycle(question, args.audio_lead, interruption, interruption_offsets(rng))
+    else:
+        cycle = build_cycle(question, args.audio_lead)
     base = args.characters_root or Path(tempfile.gettempdir())
     workdir = Path(tempfile.mkdtemp(prefix="troupe-loadtest-", dir=base)).resolve()
     try:
@@ -495,11 +525,16 @@ def assemble(args: argparse.Namespace, target: Target, cycle: Cycle, outcome: Ou
     leftover = (max(0, after.children - before.children - warm)
                 if before is not None and after is not None else None)
     start = recorder.session_start_ms.values
+    turns = recorder.turns
+    streaming = args.scenario in ("capacity", "reload-storm")
     budgets = [
         Budget("isolation violations", recorder.violations, 0, unit=""),
         Budget("reload answers that were not exactly the directory asked for",
                recorder.mismatches, 0, unit=""),
         *outcome.budgets,
+        *([Budget("turns without a reply (superseded + unanswered)",
+                  turns.without_reply if turns.asked else None, 0, unit="",
+                  note=f"of {turns.asked} asked")] if streaming else []),
         Budget("leftover processes after every session closed", leftover, 0, unit=""),
         Budget("session start to default characters listed, p50",
                _rounded(summary(start)["p50"]), SESSION_START_BUDGET_MS, binding=False,
@@ -519,9 +554,13 @@ def assemble(args: argparse.Namespace, target: Target, cycle: Cycle, outcome: Ou
             "reload_fraction": args.reload_fraction, "reload_rate_per_s": args.reload_rate,
             "cycles": args.cycles, "characters_per_directory": args.characters,
             "seed": args.seed, "audio_lead_s": args.audio_lead, "timeout_s": args.timeout,
-            "speech_cycle_s": round(cycle.period, 2), "compression": args.compression,
+            "speech_cycle_s": round(cycle.period, 2),
+            "interruptions": args.interruptions, "compression": args.compression,
         },
         "clients": {
+            "interruptions": args.interruptions,
+            "interruptions_per_cycle": len(cycle.interruptions),
+            "interruption_offsets_s": list(cycle.interruptions),
             "compression": "permessage-deflate" if args.compression else None,
             "sessions_with_compression": recorder.compressed,
             "sessions_refused_compression": recorder.uncompressed,
@@ -545,7 +584,11 @@ def assemble(args: argparse.Namespace, target: Target, cycle: Cycle, outcome: Ou
         "error_examples": recorder.error_examples,
         "isolation_details": recorder.violation_examples,
         "mismatch_details": recorder.mismatch_examples,
-        "responses": dict(recorder.responses),
+        "responses": dict(sorted(recorder.responses.items())),
+        "interruptions_made": recorder.interruptions,
+        "interrupted_at_ms": summary(recorder.interrupted_at_ms.values),
+        "turns": turns.as_dict(),
+        "stale_frames": recorder.stale_frames,
         "leftover_processes": leftover,
         "warm_children_at_end": warm,
         "server_rss_mb": server_rss,
@@ -566,6 +609,7 @@ def assemble(args: argparse.Namespace, target: Target, cycle: Cycle, outcome: Ou
             "session_start_ms": quantiles(start),
             "first_audio_ms": quantiles(first_audio),
             "frame_lateness_ms": quantiles(lateness),
+            "interrupted_at_ms": quantiles(recorder.interrupted_at_ms.values),
             **({"frame_lateness_baseline_ms": quantiles(baseline)} if baseline else {}),
         },
         "timeline": monitor.timeline,
@@ -582,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rng = random.Random(args.seed)
     try:
-        prepared = prepare(args)
+        prepared = prepare(args, rng)
     except CannotStart as exc:
         print(f"loadtest: error: {exc}", file=sys.stderr)
         return 2

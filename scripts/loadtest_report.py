@@ -24,6 +24,7 @@ DISTRIBUTIONS = (
     ("first_audio_ms", "End of utterance to first reply audio"),
     ("frame_lateness_ms", "Audio-frame lateness"),
     ("frame_lateness_baseline_ms", "Audio-frame lateness in the calm phases"),
+    ("interrupted_at_ms", "Reply audio received when an interruption began"),
 )
 
 MEASURED = {"capacity": ", the best window in budget", "reload-storm": ", storm phases"}
@@ -55,11 +56,44 @@ def _latency(figures: dict[str, Any] | None) -> str:
 def _clients(clients: dict[str, Any] | None) -> str:
     if not clients:
         return "-"
+    if clients["interruptions"]:
+        offsets = " / ".join(f"{o:g}" for o in clients["interruption_offsets_s"])
+        parts = [f"interrupt {clients['interruptions_per_cycle']} replies a cycle "
+                 f"({offsets} s after their expected first audio)"]
+    else:
+        parts = ["never interrupt"]
     if clients["compression"]:
-        return (f"offer {clients['compression']} (negotiated by "
-                f"{clients['sessions_with_compression']}, refused to "
-                f"{clients['sessions_refused_compression']})")
-    return "no compression"
+        parts.append(f"offer {clients['compression']} (negotiated by "
+                     f"{clients['sessions_with_compression']}, refused to "
+                     f"{clients['sessions_refused_compression']})")
+    else:
+        parts.append("no compression")
+    return "; ".join(parts)
+
+
+def _interruptions(result: dict[str, Any]) -> str:
+    made = result.get("interruptions_made")
+    if made is None:
+        return "-"
+    text = str(made)
+    at = result.get("interrupted_at_ms")
+    points = result.get("distributions", {}).get("interrupted_at_ms")
+    if at and at.get("count") and points:
+        text += (f"; reply audio received when they began: min {_number(points[0])} / "
+                 f"p50 {_number(at['p50'])} / max {_number(at['max'])} ms")
+    if result.get("stale_frames"):
+        text += f"; frames after their reply ended {result['stale_frames']} (not counted)"
+    return text
+
+
+def _turns(turns: dict[str, Any] | None) -> str:
+    if not turns or not turns.get("asked"):
+        return "-"
+    return (f"asked {turns['asked']}, answered {turns['answered']} "
+            f"(merged with the next {turns['merged']}), superseded {turns['superseded']}, "
+            f"in flight at the end {turns['in_flight_at_end']}, "
+            f"unanswered {turns['unanswered']}; unprompted replies "
+            f"{turns['unprompted_replies']}")
 
 
 def table(result: dict[str, Any]) -> str:
@@ -87,6 +121,8 @@ def table(result: dict[str, Any]) -> str:
                                      sorted(result["errors_by_code"].items())) or "none"),
         ("replies (response.done)", ", ".join(f"{status} {count}" for status, count in
                                               sorted(result["responses"].items())) or "none"),
+        ("interruptions made", _interruptions(result)),
+        ("turns", _turns(result.get("turns"))),
         ("server RSS", _number(result.get("server_rss_mb"), "MB")),
         ("sandbox PSS per session", _number(result.get("sandbox_pss_mb_per_session"), "MB")),
         ("memory per session", _number(result.get("memory_mb_per_session"), "MB")

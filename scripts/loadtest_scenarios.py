@@ -7,7 +7,8 @@
                   streaming; held = the most sessions streaming through a window in
                   budget
     reload-storm  --sessions join (10 % of them reloaders); once all stream and have
-                  heard a reply (two cycles), --duration alternates calm phases
+                  heard a reply (a cycle and its first block), --duration alternates
+                  calm phases
                   (nobody reloads) and storm phases (the reloaders reload at
                   --reload-rate each), about 5 s each; the streamers' p99 lateness in
                   the storm phases is compared with the calm ones
@@ -180,6 +181,9 @@ class Monitor:
             parts.append(f"reloads {len(recorder.reload_ms)}")
         if point.get("lateness_p99_ms") is not None:
             parts.append(f"late p99 {point['lateness_p99_ms']:.1f} ms")
+        if recorder.turns.asked:
+            parts.append(f"turns {recorder.turns.answered}/{recorder.turns.asked}")
+            parts.append(f"interruptions {recorder.interruptions}")
         parts.append(f"errors {sum(recorder.errors.values())}")
         parts.append(f"violations {recorder.violations}")
         if point.get("server_rss_mb") is not None:
@@ -426,7 +430,7 @@ async def reload_storm(ctx: Context) -> Outcome:
     begin = run.now()
     streamers.start(offsets, begin, role)
     # Every streamer has started (within a cycle of joining) and heard a reply.
-    warmed = begin + offsets[-1] + 2 * ctx.cycle.period + 1.0
+    warmed = begin + offsets[-1] + ctx.cycle.period + ctx.cycle.first_block + 1.0
     phases = storm_phases(warmed, ctx.duration)
     try:
         for kind, _, end in phases:

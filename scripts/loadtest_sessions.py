@@ -6,6 +6,7 @@
     streaming: input_audio_buffer.append every 80 ms, on an absolute schedule (the
                cycle of scripts/loadtest_audio.py, looped), while a reader takes the
                replies: response.created ─▶ response.output_audio.delta … ─▶ response.done
+               (completed, or cancelled when an utterance of the cycle cut it short)
     reloading: session.characters.reload {one of its own directories} ─▶ .reloaded,
                then session.characters.list ─▶ .listed; both answers checked exactly
     churn:     open, one reload (checked), close
@@ -22,13 +23,26 @@ t0 is the arrival of the reply's first audio frame, S_k the samples before frame
 
 The server sends a reply's first ``lead`` seconds at once and every later frame
 ``lead`` ahead of real time, so a frame on time arrives by t0 + S_k/24000 − lead;
-the first frame itself is the reference and is not counted. Time to first audio is
-from sending the last 80 ms of an utterance to the first audio frame of the reply.
+the first frame itself is the reference and is not counted. A reply cut short by
+an interruption just stops: its frames up to its ``response.done`` count as any
+other, and a frame that arrives outside its reply (after that ``response.done``, or
+naming another response) is not counted, only tallied (``stale_frames``). Time to
+first audio is from sending the last 80 ms of an utterance to the first audio frame
+of the reply to the turn that utterance ended.
+
+Turns (``Recorder.turns``): each utterance the session finishes is a turn asked. The
+server takes turns (``conversation.item.input_audio_transcription.completed``, whose
+words say which utterances it holds: two when the person went on before the server
+ended the first) and begins a reply (``response.created``) for each. An utterance
+speaks over the character (``Recorder.interruptions``) when it starts while a reply
+is going: between its ``response.created`` and ``response.done``, or while audio
+received is still playing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -47,6 +61,7 @@ from .loadtest_characters import Directories, check
 from .loadtest_stats import Recorder
 
 AUDIO_DELTA = "response.output_audio.delta"
+TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
 COMPRESSION = 15
 """``ws_connect(compress=…)``: offer permessage-deflate with a 32 kB window, as
 browsers and the websockets library do; 0 offers nothing."""
@@ -62,6 +77,7 @@ class _Error(msgspec.Struct):
 
 
 class _Response(msgspec.Struct):
+    id: str = ""
     status: str = ""
 
 
@@ -74,6 +90,8 @@ class Event(msgspec.Struct):
 
     type: str
     delta: str = ""
+    response_id: str = ""
+    transcript: str = ""
     characters: list[_Character] = msgspec.field(default_factory=list)
     error: _Error | None = None
     response: _Response | None = None
@@ -120,10 +138,17 @@ class Run:
 
 
 class _Reply:
-    def __init__(self, after_speech: float | None) -> None:
+    def __init__(self, response_id: str, after_speech: float | None) -> None:
+        self.id = response_id
         self.after_speech = after_speech
         self.first: float | None = None
         self.samples = 0
+        self.done = False
+
+    def going(self, now: float) -> bool:
+        """Still in progress at ``now``, or its audio received still playing."""
+        return not self.done or (self.first is not None
+                                 and now < self.first + self.samples / SAMPLE_RATE)
 
 
 class Session:
@@ -135,7 +160,10 @@ class Session:
         self.id = ""
         self._waiting: tuple[frozenset[str], asyncio.Future[Event]] | None = None
         self._reply: _Reply | None = None
-        self._speech_ended: float | None = None
+        self._ended: collections.deque[tuple[float, int]] = collections.deque()
+        """Utterances finished and not yet in a turn the server took: (when, words)."""
+        self._taken: list[float] = []
+        """When each utterance of the turn the server took last, not answered yet, ended."""
         self._closing = False
         self._counted = False
         self._reader = asyncio.create_task(self._read(), name="loadtest-reader")
@@ -184,10 +212,21 @@ class Session:
         if not self._closing:
             self._closing = True
             self._uncount()
+            self._count_open_turns()
             with contextlib.suppress(Exception):
                 await self.ws.close()
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
+
+    def _count_open_turns(self) -> None:
+        """The turns not answered at the close: in flight, or lost."""
+        turns, now = self.run.recorder.turns, time.monotonic()
+        for ended in [*self._taken, *(ended for ended, _ in self._ended)]:
+            if now - ended < self.run.timeout:
+                turns.in_flight += 1
+            else:
+                turns.unanswered += 1
+        self._taken, self._ended = [], collections.deque()
 
     def _uncount(self) -> None:
         if self._counted:
@@ -247,7 +286,7 @@ class Session:
         recorder = self.run.recorder
         recorder.streaming += 1
         started = time.monotonic()
-        last_speech = cycle.last_speech_chunk
+        starts, ends = cycle.starts, cycle.ends
         try:
             for sent in itertools.count():
                 delay = started + sent * CHUNK_SEC - time.monotonic()
@@ -256,14 +295,27 @@ class Session:
                 if stop.is_set() or self.closed:
                     return
                 index = sent % len(cycle.appends)
+                if index in starts:
+                    self._speaking(time.monotonic())
                 try:
                     await self.ws.send_str(cycle.appends[index])
                 except (ConnectionError, aiohttp.ClientError):
                     return  # the reader counts the closed connection
-                if index == last_speech:
-                    self._speech_ended = time.monotonic()
+                if (utterance := ends.get(index)) is not None:
+                    self._ended.append((time.monotonic(), len(utterance.words)))
+                    recorder.turns.asked += 1
         finally:
             recorder.streaming -= 1
+
+    def _speaking(self, now: float) -> None:
+        """An utterance starts: over the character, if a reply is going."""
+        reply = self._reply
+        if reply is None or not reply.going(now):
+            return
+        recorder = self.run.recorder
+        recorder.interruptions += 1
+        if reply.first is not None:
+            recorder.interrupted_at_ms.add(self.run.now(), (now - reply.first) * 1000)
 
     # ── the reader ───────────────────────────────────────────────────────────
 
@@ -304,7 +356,7 @@ class Session:
     def _dispatch(self, event: Event, arrived: float) -> None:
         kind = event.type
         if kind == AUDIO_DELTA:
-            self._audio(event.delta, arrived)
+            self._audio(event, arrived)
             return
         waiting = self._waiting
         if kind == "error":
@@ -316,20 +368,44 @@ class Session:
             return
         if waiting is not None and kind in waiting[0] and not waiting[1].done():
             waiting[1].set_result(event)
-        if kind == "response.created":
-            ended = self._speech_ended
-            self._speech_ended = None  # one utterance, one reply timed
-            self._reply = _Reply(ended)
+        if kind == TRANSCRIBED:
+            self._turn_taken(len(event.transcript.split()))
+        elif kind == "response.created":
+            turns = self.run.recorder.turns
+            taken, self._taken = self._taken, []
+            if taken:
+                turns.answered += len(taken)
+                turns.merged += len(taken) - 1
+            else:
+                turns.unprompted += 1
+            self._reply = _Reply(event.response.id if event.response else "",
+                                 taken[-1] if taken else None)
         elif kind == "response.done":
             status = event.response.status if event.response else "unknown"
             self.run.recorder.responses[status] += 1
-            self._reply = None
+            if self._reply is not None:
+                self._reply.done = True
 
-    def _audio(self, delta: str, arrived: float) -> None:
-        reply = self._reply
-        if reply is None:
-            reply = self._reply = _Reply(None)
-        run = self.run
+    def _turn_taken(self, words: int) -> None:
+        """The server took a turn of ``words`` words: the utterances it holds are
+        the oldest finished ones (more than one when the person went on speaking
+        before the server ended the first). A turn taken before and still waiting
+        for its reply will not get one of its own."""
+        if self._taken:
+            self.run.recorder.turns.superseded += len(self._taken)
+        self._taken = []
+        while self._ended and (words > 0 or not self._taken):
+            ended, said = self._ended.popleft()
+            self._taken.append(ended)
+            words -= said
+
+    def _audio(self, event: Event, arrived: float) -> None:
+        reply, run = self._reply, self.run
+        if reply is None or reply.done or (event.response_id and reply.id
+                                           and event.response_id != reply.id):
+            run.recorder.stale_frames += 1
+            return
+        delta = event.delta
         if reply.first is None:
             reply.first = arrived
             if reply.after_speech is not None:

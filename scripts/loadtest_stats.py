@@ -82,6 +82,40 @@ class Series:
 
 
 @dataclass
+class Turns:
+    """What became of the utterances streaming sessions finished (each is a turn
+    they asked the character to answer).
+
+    ``asked`` = ``answered`` + ``superseded`` + ``in_flight`` + ``unanswered``.
+    Answered: a reply began (``response.created``) after the server took the turn;
+    ``merged`` of them were taken together with the next utterance, because it began
+    before the server had ended the first (one reply for both, as for a person who
+    goes on speaking). Superseded: taken, but the server took the next turn before
+    any reply began (it may have seen the person go on speaking, or lost the
+    turn). In flight: not answered when the session closed, but finished less than
+    the run's ``--timeout`` before; unanswered: finished longer ago. ``unprompted``:
+    replies no utterance asked for (the character speaking after a long silence)."""
+
+    asked: int = 0
+    answered: int = 0
+    merged: int = 0
+    superseded: int = 0
+    in_flight: int = 0
+    unanswered: int = 0
+    unprompted: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"asked": self.asked, "answered": self.answered, "merged": self.merged,
+                "superseded": self.superseded, "in_flight_at_end": self.in_flight,
+                "unanswered": self.unanswered, "unprompted_replies": self.unprompted}
+
+    @property
+    def without_reply(self) -> int:
+        """Turns that never got a reply of their own (in flight ones aside)."""
+        return self.superseded + self.unanswered
+
+
+@dataclass
 class Recorder:
     """Everything the sessions of one run report; times are seconds since its start."""
 
@@ -102,6 +136,15 @@ class Recorder:
     violation_examples: list[dict[str, Any]] = field(default_factory=list)
     mismatch_examples: list[dict[str, Any]] = field(default_factory=list)
     responses: collections.Counter[str] = field(default_factory=collections.Counter)
+    """``response.done`` by status: completed, cancelled (a barge-in), failed."""
+    interruptions: int = 0
+    """Utterances this run started while the character's reply was still going."""
+    interrupted_at_ms: Series = field(default_factory=Series)
+    """How much of the reply's audio had arrived when each interruption started."""
+    turns: Turns = field(default_factory=Turns)
+    stale_frames: int = 0
+    """Reply audio that arrived outside its reply (after its ``response.done``, or for
+    another response): not counted in the lateness."""
     compressed: int = 0
     uncompressed: int = 0
     """Sessions that opened with, and without, ``permessage-deflate``."""

@@ -6,7 +6,9 @@ subprocess. Nothing here asserts on how fast anything was."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,12 +24,31 @@ from conftest import REPO, SCALE
 from fake_kyutai_stt import PAUSE_HEAD, PAUSED, SPEAKING
 
 from scripts import loadtest
-from scripts.loadtest_audio import build_cycle, pcm16_samples_in, reply_seconds, voiced_span
+from scripts.loadtest_audio import (
+    CHUNK_SEC,
+    OFFSETS_SEC,
+    REPLY_DELAY_SEC,
+    STT_DELAY_SEC,
+    Speech,
+    build_cycle,
+    interruption_offsets,
+    load_speech,
+    pcm16_samples_in,
+    reply_seconds,
+    voiced_span,
+)
 from scripts.loadtest_characters import Directories, check, owner_of
 from scripts.loadtest_fakes import LoopingTranscript, array_length
 from scripts.loadtest_report import nice_ticks, table, write_html, write_json
 from scripts.loadtest_scenarios import leftover_series, reloader_count, storm_phases
-from scripts.loadtest_sessions import Failed, Run, Session, reload_and_check
+from scripts.loadtest_sessions import (
+    TRANSCRIBED,
+    Event,
+    Failed,
+    Run,
+    Session,
+    reload_and_check,
+)
 from scripts.loadtest_stats import Budget, Recorder, Series, passed, percentile, summary
 
 REQUIRED = (
@@ -172,20 +193,73 @@ def test_voiced_span_finds_the_loud_part() -> None:
     assert voiced_span(np.zeros(100, dtype="<i2")) == (0.0, 100 / 24_000)
 
 
+def a_speech(tmp_path: Path, seconds: float, voiced: tuple[float, float],
+             words: tuple[str, ...]) -> Speech:
+    """A WAV at 16 kHz with a tone over ``voiced``, read as the load test reads it."""
+    samples = np.zeros(round(16_000 * seconds), dtype=np.float32)
+    first, last = round(16_000 * voiced[0]), round(16_000 * voiced[1])
+    samples[first:last] = 0.3 * np.sin(np.arange(last - first) / 5)
+    path = tmp_path / f"{'-'.join(words)}.wav"
+    soundfile.write(path, samples, 16_000)
+    return load_speech(path, words)
+
+
 def test_the_cycle_leaves_room_for_the_whole_reply(tmp_path: Path) -> None:
-    samples = np.zeros(16_000 * 2, dtype=np.float32)  # 2 s at 16 kHz, speech from 0.5 s
-    samples[8000:24000] = 0.3 * np.sin(np.arange(16000) / 5)
-    soundfile.write(tmp_path / "speech.wav", samples, 16_000)
-    cycle = build_cycle(tmp_path / "speech.wav", ("one", "two", "three"), audio_lead=0.5)
-    assert abs(cycle.speech_start - 0.5) <= 0.02 and abs(cycle.speech_end - 1.5) <= 0.02
-    assert cycle.period >= cycle.speech_end + reply_seconds() + 0.5 + 1.0
-    assert [w for w, _ in cycle.heard()] == ["one", "two", "three"]
-    assert all(cycle.speech_start <= t < cycle.speech_end for _, t in cycle.heard())
-    assert cycle.last_speech_chunk == int(cycle.speech_end / 0.08)
+    question = a_speech(tmp_path, 2.0, (0.5, 1.5), ("one", "two", "three"))
+    assert abs(question.start - 0.5) <= 0.02 and abs(question.end - 1.5) <= 0.02
+    cycle = build_cycle(question, audio_lead=0.5)
+    (utterance,) = cycle.utterances
+    assert cycle.interruptions == () and cycle.first_block == cycle.period
+    assert cycle.period >= utterance.end + reply_seconds() + 0.5 + 1.0
+    assert [w for w, _ in utterance.heard()] == ["one", "two", "three"]
+    assert all(utterance.start <= t < utterance.end for _, t in utterance.heard())
+    assert cycle.ends == {int(utterance.end / 0.08): utterance}
+    assert cycle.starts == {int(utterance.start / 0.08): utterance}
     first = json.loads(cycle.appends[0])
     assert first["type"] == "input_audio_buffer.append"
     assert pcm16_samples_in(first["audio"]) == 1920  # 80 ms at 24 kHz, resampled
-    assert cycle.stt_script()["period"] == cycle.period
+    script = cycle.stt_script()
+    assert script["period"] == cycle.period
+    assert script["utterances"] == [{"words": utterance.heard(), "end": utterance.end}]
+
+
+def test_interruptions_start_while_the_server_still_sends_the_reply(tmp_path: Path) -> None:
+    question = a_speech(tmp_path, 2.0, (0.5, 1.5), ("one", "two", "three"))
+    wait = a_speech(tmp_path, 1.0, (0.1, 0.7), ("wait",))
+    lead = 0.5
+    cycle = build_cycle(question, lead, wait, [1.0, 0.4])
+    assert cycle.interruptions == (1.0, 0.4)
+    q1, i1, q2, i2 = cycle.utterances
+    assert [u.words for u in cycle.utterances] == [question.words, ("wait",)] * 2
+    for asked, cut, offset in ((q1, i1, 1.0), (q2, i2, 0.4)):
+        # The interruption begins ``offset`` into the reply to the question; the
+        # server hears it STT_DELAY_SEC later, while it is still sending that reply.
+        assert cut.start == pytest.approx(asked.end + REPLY_DELAY_SEC + offset, abs=0.03)
+        assert cut.start + STT_DELAY_SEC < asked.end + REPLY_DELAY_SEC + reply_seconds() - lead
+    # The reply to each interruption is heard to the end before the next question.
+    assert q2.start >= i1.end + REPLY_DELAY_SEC + reply_seconds() + lead + 1.0
+    assert cycle.period >= i2.end + REPLY_DELAY_SEC + reply_seconds() + lead + 1.0
+    assert q2.start - q1.start == pytest.approx(cycle.first_block, abs=0.03)
+    assert sorted(cycle.starts) == [int(u.start / CHUNK_SEC) for u in cycle.utterances]
+    assert sorted(cycle.ends) == [int(u.end / CHUNK_SEC) for u in cycle.utterances]
+    # The interruption's audio is in the appends where its words are heard.
+    loud = [i for i, append in enumerate(cycle.appends)
+            if np.abs(np.frombuffer(base64.b64decode(json.loads(append)["audio"]),
+                                    dtype="<i2")).max() > 1000]
+    assert int(i1.start / CHUNK_SEC) in loud and int(i1.end / CHUNK_SEC) - 1 in loud
+    assert int((i1.start - 0.3) / CHUNK_SEC) not in loud  # silence before it
+    assert len(cycle.stt_script()["utterances"]) == 4
+
+
+def test_interruption_offsets_cover_the_reply_from_early_to_late() -> None:
+    low, high = OFFSETS_SEC
+    for seed in range(20):
+        offsets = interruption_offsets(random.Random(seed), 2)
+        assert len(offsets) == 2 and all(low <= o <= high for o in offsets)
+        early, late = sorted(offsets)
+        assert early <= (low + high) / 2 <= late
+    assert interruption_offsets(random.Random(1)) == interruption_offsets(random.Random(1))
+    assert len({tuple(interruption_offsets(random.Random(s))) for s in range(5)}) == 5
 
 
 # ── scenario arithmetic and the report ───────────────────────────────────────
@@ -238,9 +312,15 @@ def a_result() -> dict[str, Any]:
         "session_start_ms": latency, "first_audio_ms": summary([]),
         "frame_lateness_ms": latency, "frame_lateness_baseline_ms": latency,
         "client_loop_lag_ms": latency, "errors_by_code": {"rate_limited": 2},
-        "clients": {"compression": "permessage-deflate", "sessions_with_compression": 4,
-                    "sessions_refused_compression": 0},
-        "responses": {"completed": 3}, "leftover_processes": 0, "orphan_processes": 0,
+        "clients": {"interruptions": True, "interruptions_per_cycle": 2,
+                    "interruption_offsets_s": [1.2, 0.5], "compression": "permessage-deflate",
+                    "sessions_with_compression": 4, "sessions_refused_compression": 0},
+        "interruptions_made": 5, "interrupted_at_ms": summary([400.0, 1100.0]),
+        "turns": {"asked": 12, "answered": 11, "merged": 1, "superseded": 0,
+                  "in_flight_at_end": 1, "unanswered": 0, "unprompted_replies": 0},
+        "stale_frames": 0,
+        "responses": {"cancelled": 5, "completed": 6}, "leftover_processes": 0,
+        "orphan_processes": 0,
         "server_rss_mb": 80.5, "sandbox_pss_mb_per_session": 4.6,
         "memory_mb_per_session": 5.1, "cpu_percent": {"server": 12.5},
         "budgets": [Budget("isolation violations", 0, 0, unit="").as_dict(),
@@ -248,7 +328,7 @@ def a_result() -> dict[str, Any]:
                     Budget("start", None, 20.0, binding=False).as_dict()],
         "passed": False, "reload_storm": {"growth_ms": 7.5},
         "distributions": {"reload_ms": [float(i) for i in range(101)],
-                          "frame_lateness_ms": []},
+                          "frame_lateness_ms": [], "interrupted_at_ms": [400.0, 1100.0]},
         "timeline": [{"t": 1.0, "sessions_open": 2, "streaming": 1, "server_rss_mb": 80.0,
                       "sandbox_pss_mb": 40.0, "lateness_p99_ms": None},
                      {"t": 2.0, "sessions_open": 4, "streaming": 3, "server_rss_mb": 81.0,
@@ -261,13 +341,20 @@ def test_the_report_shows_every_budget(tmp_path: Path) -> None:
     text = table(result)
     assert "MISS growth: 7.5 ms <= 5.0 ms" in text
     assert "n/a  start" in text and "(for reference)" in text
-    assert "rate_limited 2" in text and text.endswith("FAILED: a budget or the isolation "
-                                                      "check failed")
-    assert "offer permessage-deflate (negotiated by 4, refused to 0)" in text
+    assert text.endswith("FAILED: a budget or the isolation check failed")
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
     assert "rate_limited 2" in lines["errors by code"]
-    assert "completed 3" in lines["replies (response.done)"]
-    assert "no compression" in table({**result, "clients": {"compression": None}})
+    assert "cancelled 5, completed 6" in lines["replies (response.done)"]
+    assert lines["interruptions made"].endswith(
+        "  5; reply audio received when they began: min 400.0 / p50 750.0 / max 1100 ms")
+    assert "interrupt 2 replies a cycle (1.2 / 0.5 s" in lines["clients"]
+    assert "permessage-deflate (negotiated by 4, refused to 0)" in lines["clients"]
+    assert "asked 12, answered 11 (merged with the next 1)" in lines["turns"]
+    assert "in flight at the end 1, unanswered 0" in lines["turns"]
+    quiet = {**result, "clients": {**result["clients"], "interruptions": False,
+                                   "compression": None}, "errors_by_code": {}}
+    assert "never interrupt; no compression" in table(quiet)
+    assert "errors by code" in table(quiet) and "none" in table(quiet)
     write_json(result, tmp_path / "out" / "result.json")
     assert json.loads((tmp_path / "out" / "result.json").read_text()) == result
     write_html(result, tmp_path / "out" / "charts.html")
@@ -277,9 +364,11 @@ def test_the_report_shows_every_budget(tmp_path: Path) -> None:
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
 
 
-def test_sessions_offer_compression_unless_told_not_to() -> None:
-    assert loadtest.parse_args(["--spawn-server"]).compression
-    assert not loadtest.parse_args(["--spawn-server", "--no-compression"]).compression
+def test_sessions_interrupt_and_compress_unless_told_not_to() -> None:
+    args = loadtest.parse_args(["--spawn-server"])
+    assert args.interruptions and args.compression
+    args = loadtest.parse_args(["--spawn-server", "--no-interruptions", "--no-compression"])
+    assert not args.interruptions and not args.compression
 
 
 @pytest.mark.parametrize("argv", [
@@ -297,6 +386,122 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
         loadtest.main(argv)
     assert exit_info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+# ── what a session makes of the events it receives ───────────────────────────
+
+
+class IdleSocket:
+    """Enough of aiohttp's client WebSocket for a Session whose events the test
+    hands to its dispatcher, at the arrival times it chooses."""
+
+    closed = False
+
+    async def receive(self) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def event(kind: str, **fields: Any) -> Event:
+    return msgspec.convert({"type": kind, **fields}, Event)
+
+
+def frame(response_id: str) -> Event:
+    """80 ms of reply audio."""
+    return event("response.output_audio.delta", response_id=response_id,
+                 delta=base64.b64encode(bytes(2 * 1920)).decode())
+
+
+def a_session(timeout: float = 20.0) -> tuple[Run, Session]:
+    run = Run(None, "ws://127.0.0.1:9/v1/realtime?model=t", Recorder(),  # type: ignore[arg-type]
+              time.monotonic(), audio_lead=0.5, timeout=timeout)
+    return run, Session(run, IdleSocket())  # type: ignore[arg-type]
+
+
+def ask(session: Session, ended: float, words: int) -> None:
+    """The session finished an utterance of ``words`` words at ``ended``."""
+    session._ended.append((ended, words))
+    session.run.recorder.turns.asked += 1
+
+
+def on_time(session: Session, response_id: str, first: float, frames: int) -> None:
+    """``frames`` frames arriving as the server sends them: the first half second at
+    once, then in real time."""
+    for k in range(frames):
+        session._dispatch(frame(response_id), first + max(0.0, k * 0.08 - 0.5))
+
+
+async def test_a_reply_cut_short_just_stops() -> None:
+    run, session = a_session()
+    recorder = run.recorder
+    try:
+        t = time.monotonic()
+        ask(session, t, 3)
+        session._dispatch(event(TRANSCRIBED, transcript="one two three"), t + 0.5)
+        session._dispatch(event("response.created", response={"id": "r1"}), t + 0.5)
+        on_time(session, "r1", t + 0.6, 12)  # 0.96 s of audio, of which 0.46 s played
+        session._speaking(t + 1.0)  # the person speaks over it
+        assert recorder.interruptions == 1
+        assert recorder.interrupted_at_ms.values == [pytest.approx(400.0)]
+        session._dispatch(event("response.done", response={"id": "r1", "status": "cancelled"}),
+                          t + 1.6)
+        session._dispatch(frame("r1"), t + 1.7)  # after its end: not the next reply's
+        ask(session, t + 2.0, 1)
+        session._dispatch(event(TRANSCRIBED, transcript="wait"), t + 2.5)
+        session._dispatch(event("response.created", response={"id": "r2"}), t + 2.5)
+        session._dispatch(frame("r1"), t + 2.55)  # naming another response
+        on_time(session, "r2", t + 2.7, 20)
+        session._dispatch(event("response.done", response={"id": "r2", "status": "completed"}),
+                          t + 4.0)
+        session._speaking(t + 4.2)  # its last 0.1 s still plays: over the character
+        session._speaking(t + 2.7 + 1.6 + 0.1)  # after it played: not an interruption
+        assert recorder.interruptions == 2
+        # No frame counts as late: neither those of the reply cut short, nor the
+        # stale ones, nor the next reply's, whose clock starts at its own first frame.
+        assert recorder.frame_lateness_ms.values == [0.0] * (11 + 19)
+        assert recorder.stale_frames == 2
+        assert recorder.first_audio_ms.values == [pytest.approx(600.0), pytest.approx(700.0)]
+        assert dict(recorder.responses) == {"cancelled": 1, "completed": 1}
+        assert recorder.turns.as_dict() == {
+            "asked": 2, "answered": 2, "merged": 0, "superseded": 0, "in_flight_at_end": 0,
+            "unanswered": 0, "unprompted_replies": 0}
+    finally:
+        await session.close()
+
+
+async def test_turns_merged_superseded_and_left_open_are_told_apart() -> None:
+    run, session = a_session(timeout=5.0)
+    turns = run.recorder.turns
+    t = time.monotonic() - 60
+    try:
+        # The person went on before the server ended the first utterance: one turn
+        # holding both (13 + 5 words), one reply, both answered.
+        ask(session, t, 13)
+        ask(session, t + 2, 5)
+        session._dispatch(event(TRANSCRIBED, transcript=" ".join(["w"] * 18)), t + 3)
+        session._dispatch(event("response.created", response={"id": "r1"}), t + 3)
+        assert (turns.answered, turns.merged) == (2, 1)
+        # A turn taken and never answered before the next one was taken.
+        ask(session, t + 10, 13)
+        session._dispatch(event(TRANSCRIBED, transcript=" ".join(["w"] * 13)), t + 11)
+        ask(session, t + 12, 5)
+        session._dispatch(event(TRANSCRIBED, transcript=" ".join(["w"] * 5)), t + 13)
+        assert turns.superseded == 1
+        # A reply nobody asked for (the character speaking into a silence).
+        session._dispatch(event("response.created", response={"id": "r2"}), t + 14)
+        session._dispatch(event("response.created", response={"id": "r3"}), t + 40)
+        assert (turns.answered, turns.unprompted) == (3, 1)
+        # At the close: one utterance finished long ago, one just now.
+        ask(session, t + 20, 13)
+        ask(session, time.monotonic(), 5)
+    finally:
+        await session.close()
+    assert turns.as_dict() == {"asked": 6, "answered": 3, "merged": 1, "superseded": 1,
+                               "in_flight_at_end": 1, "unanswered": 1,
+                               "unprompted_replies": 1}
+    assert turns.without_reply == 2
 
 
 # ── sessions against a real server ───────────────────────────────────────────
@@ -402,6 +607,8 @@ def check_common(code: int, result: dict[str, Any], output: str) -> None:
 
 @pytest.mark.timeout(300)
 async def test_a_small_reload_storm(tmp_path: Path) -> None:
+    """As real clients: interrupting, compression negotiated; every streamer has
+    been through its first block (one interruption) before the storm starts."""
     code, result, output = await run_script(
         tmp_path, "--scenario", "reload-storm", "--sessions", "4", "--reload-fraction", "0.5",
         "--duration", "8", "--ramp", "10", "--characters", "5")
@@ -410,10 +617,23 @@ async def test_a_small_reload_storm(tmp_path: Path) -> None:
     assert result["reload_storm"]["reloading_sessions"] == 2
     assert result["reload_ms"]["count"] > 0
     assert result["answers_checked"] == 2 * result["reload_ms"]["count"]
-    assert result["responses"].get("completed", 0) > 0  # the voice loop answered
-    assert result["clients"] == {"compression": "permessage-deflate",
-                                 "sessions_with_compression": 4,
-                                 "sessions_refused_compression": 0}
+    clients = result["clients"]
+    assert clients["interruptions"] and clients["compression"] == "permessage-deflate"
+    assert clients["sessions_with_compression"] == 4
+    assert clients["sessions_refused_compression"] == 0
+    assert len(clients["interruption_offsets_s"]) == 2
+    # Each streamer spoke over a reply, which the server cancelled, and answered
+    # the interruption with a reply heard to the end.
+    assert result["interruptions_made"] >= 2, result["turns"]
+    assert result["responses"].get("cancelled", 0) >= 2, result["responses"]
+    assert result["responses"].get("completed", 0) >= 2, result["responses"]
+    assert result["interrupted_at_ms"]["count"] >= 1
+    turns = result["turns"]
+    assert turns["asked"] >= 4 and turns["superseded"] == turns["unanswered"] == 0, turns
+    assert turns["answered"] + turns["in_flight_at_end"] == turns["asked"], turns
+    assert result["errors_by_code"] == {}, result["error_examples"]
+    lines = {line.split("  ")[0]: line for line in output.splitlines()}
+    assert "none" in lines["errors by code"] and "cancelled" in lines["replies (response.done)"]
     assert result["server_rss_mb"] is not None and result["timeline"]
     assert (tmp_path / "charts.html").read_text().count("<svg") >= 5
 
@@ -432,13 +652,21 @@ async def test_a_small_churn(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(300)
 async def test_a_small_capacity_run(tmp_path: Path) -> None:
+    """Without interruptions or compression: as the load test was before them."""
     code, result, output = await run_script(
         tmp_path, "--scenario", "capacity", "--sessions", "3", "--ramp", "10",
-        "--duration", "4")
+        "--duration", "4", "--no-interruptions", "--no-compression")
     check_common(code, result, output)
     capacity = result["capacity"]
     assert capacity["windows"] and 0 <= result["sessions_held"] <= 3
-    assert any(b["name"] == "errors" for b in result["budgets"])
-    assert "errors by code" in output
     assert not any(b["ok"] is not None for b in result["budgets"]
                    if b["name"].startswith("sessions streaming"))  # fewer than 200 asked
+    assert result["clients"]["interruptions"] is False
+    assert result["clients"]["compression"] is None
+    assert result["clients"]["interruption_offsets_s"] == []
+    assert result["clients"]["sessions_with_compression"] == 0
+    assert result["interruptions_made"] == 0 and "cancelled" not in result["responses"]
+    assert any(b["name"] == "errors" for b in result["budgets"])
+    lines = {line.split("  ")[0]: line for line in output.splitlines()}
+    assert "never interrupt; no compression" in lines["clients"]
+    assert "errors by code" in lines
