@@ -169,8 +169,9 @@ class OpenAICompatibleLLM:
     """A ``/v1/chat/completions`` endpoint, e.g. ``http://127.0.0.1:11434/v1``.
 
     ``timeout`` bounds each wait on the server: the connection (at most 5 s), the
-    first token, and every gap between chunks. The SDK retries ``max_retries`` times
-    on connection errors, timeouts, 408/409/429 and 5xx, before the stream starts.
+    first token, and every gap between chunks; it is read at each request, so it can
+    be changed on a running server. The SDK retries ``max_retries`` times on
+    connection errors, timeouts, 408/409/429 and 5xx, before the stream starts.
     """
 
     def __init__(
@@ -182,8 +183,10 @@ class OpenAICompatibleLLM:
         self.timeout = timeout
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key, max_retries=max_retries,
-            timeout=openai.Timeout(timeout, connect=min(timeout, 5.0)),
         )
+
+    def _timeouts(self) -> openai.Timeout:
+        return openai.Timeout(self.timeout, connect=min(self.timeout, 5.0))
 
     @property
     def name(self) -> str:
@@ -199,7 +202,7 @@ class OpenAICompatibleLLM:
 
     async def _only_model(self) -> str:
         try:
-            page = await self._client.models.list()
+            page = await self._client.models.list(timeout=self._timeouts())
         except openai.APIError as exc:
             raise self._unavailable(exc, started=False) from exc
         offered = [model.id for model in page.data]
@@ -236,6 +239,7 @@ class OpenAICompatibleLLM:
                 tools=cast(Iterable[ChatCompletionToolUnionParam], tools) if tools else openai.omit,
                 temperature=temperature,
                 stream=True,
+                timeout=self._timeouts(),
             )
             async with completion:
                 async for chunk in completion:
