@@ -121,6 +121,9 @@ class FakeOpenAI:
     requests: list[dict[str, Any]] = field(default_factory=list)
     """Every chat-completions request body, in order (retries included)."""
     headers: list[dict[str, str]] = field(default_factory=list)
+    close_connections: bool = False
+    """Close each connection after its answer (``Connection: close``), so that every
+    request comes on a new one: a fault proxy in front then sees one per request."""
 
     def __post_init__(self) -> None:
         self.base_url = ""
@@ -138,6 +141,8 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
+        if self.close_connections:
+            app.on_response_prepare.append(_close_after)
         self._runner, address = await serve(app)
         self.base_url = f"http://{address}/v1"
         return self.base_url
@@ -218,6 +223,10 @@ class FakeOpenAI:
             {"error": {"message": message, "type": kind, "param": None, "code": None}},
             status=status, headers=headers,
         )
+
+
+async def _close_after(request: web.Request, response: web.StreamResponse) -> None:
+    response.force_close()
 
 
 @dataclass
