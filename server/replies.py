@@ -4,6 +4,8 @@
     response.text.delta … response.text.done ─▶ response.done (completed)
     cancelled (response.cancel, a reload, another character): response.done (cancelled)
     the model's backend fails: error backend_unavailable, response.done (failed)
+    the sandbox dies or hangs on a tool call: error sandbox_crashed / sandbox_timeout,
+      the model reads why the tool has no answer, and the reply goes on
 
 With a TTS, the reply is also spoken: text goes to the TTS as the model writes it,
 ``response.audio.delta`` events follow in 80 ms frames (pcm16, or the session's Ogg
@@ -86,6 +88,11 @@ async def run_reply(
             except CallFailed as exc:
                 return f"tool {name} raised {exc.error_type}: {exc}"
             except SandboxError as exc:
+                # The sandbox was restarted, its characters' state lost: the client
+                # is told (DESIGN.md §4), the model reads why and the reply goes on.
+                code = "sandbox_timeout" if isinstance(exc, SandboxTimeout) \
+                    else "sandbox_crashed"
+                await send_error(ServerSideError(code, f"calling the tool {name}: {exc}"))
                 return f"tool {name} failed: {exc}"
 
         messages = conversation.messages_for(system_prompt)
