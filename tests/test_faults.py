@@ -560,6 +560,39 @@ async def test_a_sandbox_child_that_stops_answering(
         await llm.close()
 
 
+async def test_a_tool_call_that_never_returns(
+    make_server: MakeServer, config: Config, allowed_root: Path
+) -> None:
+    """The tool hangs (the child is alive, busy for an hour): past the call deadline
+    the child is replaced, A is told ``sandbox_timeout``, the model reads why the tool
+    has no answer and finishes the reply."""
+    llm = FakeOpenAI()
+    llm.script(tool_calls(call("nap", "{}")), text("I could not nap."), text("Hello, B."),
+               text("Here."))
+    await llm.start()
+    try:
+        server = await make_server(llm=llm.base_url, nudge_after=0.0, sandbox=steady(config))
+        rig = Rig(server, {}, [llm])
+        rig.baseline = await rig.settle()
+        a, b = await rig.connect(), await rig.connect()
+        await loaded(a, write_directory(allowed_root, "nap", {"tired.py": napper("Tired")}))
+        victim = list(server.app[SESSIONS].values())[0].characters.sandbox.pid
+
+        hit = await a.turn("Take a nap.")
+        bystander = await b.turn("Hello.")
+        after = await a.turn("Awake?")
+
+        assert codes(hit) == ["sandbox_timeout"] and status(hit) == "completed", kinds(hit)
+        assert "nap" in a.errors()[0]["error"]["message"]
+        assert "call_tool" in llm.requests[1]["messages"][-1]["content"]
+        assert await eventually(lambda: not pid_alive(victim))
+        assert status(bystander) == "completed" and codes(bystander) == []
+        assert status(after) == "completed" and codes(after) == []
+        await rig.assert_nothing_left()
+    finally:
+        await llm.close()
+
+
 # ── the embedded models' worker processes killed mid-reply ───────────────────
 
 
