@@ -72,6 +72,9 @@ The microphone goes through ``sounddevice`` (PortAudio). It is kept thin and is 
 covered by the tests, which run without a sound card; only its absence (PortAudio not
 installed: a note on what to install) is.
 
+On a server with API keys, set ``TROUPE_API_KEY`` (it goes in ``Authorization: Bearer``;
+never on the command line). A refused connection says why (HTTP 401, 403, 429, 503).
+
 Every wait for the server has a limit (``--timeout``, 30 s: for an answer as a whole,
 for a streamed reply between two of its events, and for the transcript once a file
 is sent; not while the file or the microphone is streaming). Errors from the server
@@ -285,18 +288,19 @@ class Connection:
 async def connect(url: str, limit: float, verbose: bool = False) -> AsyncIterator[Connection]:
     """Open a session at ``url`` and wait for ``session.created``; always closes it."""
     async with aiohttp.ClientSession() as http:
+        key = os.environ.get("TROUPE_API_KEY")
         try:
             async with asyncio.timeout(limit):
                 ws = await http.ws_connect(
                     url, protocols=("realtime",),
+                    headers={"Authorization": f"Bearer {key}"} if key else None,
                     timeout=aiohttp.ClientWSTimeout(ws_close=limit),
                 )
         except aiohttp.ClientConnectorError as exc:
             raise Failure(f"cannot connect to {url} ({describe_os_error(exc)}); "
                           f"{START_HINT}") from None
         except aiohttp.WSServerHandshakeError as exc:
-            raise Failure(f"{url} did not accept the WebSocket (HTTP {exc.status}); "
-                          "is this a Troupe server's /v1/realtime?") from None
+            raise Failure(refused(url, exc, key is not None)) from None
         except aiohttp.ClientError as exc:
             raise Failure(f"cannot connect to {url}: {exc}") from None
         except TimeoutError:
@@ -307,6 +311,26 @@ async def connect(url: str, limit: float, verbose: bool = False) -> AsyncIterato
             yield connection
         finally:
             await connection.close()
+
+
+def refused(url: str, exc: aiohttp.WSServerHandshakeError, sent_key: bool) -> str:
+    """Why the server turned the handshake away, and what to do."""
+    retry = (exc.headers or {}).get("Retry-After")
+    later = f"; retry in {retry} s" if retry else ""
+    match exc.status:
+        case 401 if sent_key:
+            return f"{url} refused the key in TROUPE_API_KEY (HTTP 401)"
+        case 401:
+            return (f"{url} needs an API key (HTTP 401): set TROUPE_API_KEY to a key of "
+                    "this server")
+        case 403:
+            return f"{url} refused this client (HTTP 403: its Origin or Host is not allowed)"
+        case 429:
+            return f"{url} refused: too many connections for this key or address (HTTP 429){later}"
+        case 503:
+            return f"{url} refused: server full (HTTP 503){later}"
+    return (f"{url} did not accept the WebSocket (HTTP {exc.status}); is this a Troupe "
+            "server's /v1/realtime?")
 
 
 def describe_os_error(exc: aiohttp.ClientConnectorError) -> str:

@@ -1,25 +1,30 @@
 """The aiohttp application: ``create_app(config)`` wires routes, state and lifecycles.
 
-    GET  /v1/realtime            WebSocket, subprotocol "realtime" (session.py)
-    GET  /v1/health              sandbox pool and backend status (200 / 503)
-    GET  /v1/voices              the server-wide default set, good characters only
-    POST /v1/characters/reload   reloads that server-wide set (deprecated)
-    GET  /v1/sessions            live sessions, behind the admin token
-    GET  /metrics                Prometheus
-    GET  /                       the web client (server/static/index.html)
-    GET  /static/{name}          its files
+    GET  /v1/realtime                  WebSocket, subprotocol "realtime" (session.py),
+                                       through the front door (auth.py)
+    POST /v1/realtime/client_secrets   short-lived client secrets (OpenAI's shape)
+    GET  /v1/health                    sandbox pool and backend status (200 / 503)
+    GET  /v1/voices                    the server-wide default set, good characters only
+    POST /v1/characters/reload         reloads that server-wide set (deprecated; admin)
+    GET  /v1/sessions                  live sessions (admin)
+    GET  /admin                        the same as a page (admin; Basic login too)
+    GET  /metrics                      Prometheus (behind the metrics key, if one is set)
+    GET  /                             the web client (server/static/index.html)
+    GET  /static/{name}                its files
 
-State lives under typed ``web.AppKey``s; the sandbox pool and the server-wide set are
-opened and closed in ``cleanup_ctx``; shutdown closes live sessions with 1001.
+State lives under typed ``web.AppKey``s; the front door, the sandbox pool and the
+server-wide set are opened and closed in ``cleanup_ctx``; shutdown closes live
+sessions with 1001. Admin routes take an admin key or the admin token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
-import secrets
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,7 +33,8 @@ from prometheus_async.aio.web import server_stats
 
 from sandbox import Pool
 
-from . import dialects, metrics
+from . import admin, auth, dialects, frontdoor, metrics
+from .auth import FrontDoor, Refused, Scope
 from .characters import CharacterSet
 from .config import Config
 from .errors import TroupeError
@@ -44,31 +50,62 @@ CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", Pool)
 VOICES = web.AppKey("voices", CharacterSet)
 SESSIONS = web.AppKey("sessions", dict[str, Session])
+SCOPES = web.AppKey("scopes", dict[str, Scope])
+"""What each live session may do (its key, its roots), by session id."""
+FRONT_DOOR = web.AppKey("front_door", FrontDoor)
 LLM_BACKEND = web.AppKey("llm", Backend)
 SPEECH = web.AppKey("speech", SpeechBackends)
 
 
 def create_app(config: Config) -> web.Application:
+    """Raises ``ValueError`` for a configuration that must not serve (without keys
+    on an address other than loopback, unless ``no_auth``)."""
+    problem = auth.startup_problem(host=config.host, keys=config.api_keys is not None,
+                                   no_auth=config.no_auth)
+    if problem is not None:
+        raise ValueError(problem)
     # aiohttp closes the connection on frames above max_msg_size; below that we
     # answer message_too_large ourselves and the session goes on.
     app = web.Application(client_max_size=config.max_message_bytes)
     app[CONFIG] = config
     app[SESSIONS] = {}
+    app[SCOPES] = {}
+    app.cleanup_ctx.append(_front_door)
     app.cleanup_ctx.append(_sandbox_pool)
     app.cleanup_ctx.append(_language_model)
     app.cleanup_ctx.append(_speech)
     app.on_startup.append(_freeze_startup_objects)
     app.on_shutdown.append(_close_sessions)
     app.router.add_get("/v1/realtime", realtime)
+    app.router.add_post("/v1/realtime/client_secrets", client_secrets)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/voices", voices)
     app.router.add_post("/v1/characters/reload", reload_voices)
     app.router.add_get("/v1/sessions", list_sessions)
-    app.router.add_get("/metrics", server_stats)
+    app.router.add_get("/admin", admin_page)
+    app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/", index)
     # Files of server/static only: no directory listing, no symlinks followed.
     app.router.add_static("/static/", STATIC, name="static")
     return app
+
+
+async def _front_door(app: web.Application) -> AsyncIterator[None]:
+    """The keys, read first (a bad file stops start-up), and re-read on SIGHUP."""
+    config = app[CONFIG]
+    door = app[FRONT_DOOR] = frontdoor.open_door(config)
+    path = config.api_keys
+    loop = asyncio.get_running_loop()
+    watching = False
+    if path is not None:
+        try:
+            loop.add_signal_handler(signal.SIGHUP, frontdoor.reload_keys, door, path)
+            watching = True
+        except (RuntimeError, ValueError) as exc:  # not the main thread, or no SIGHUP
+            log.warning("the keys file is not re-read on SIGHUP here: %s", exc)
+    yield
+    if watching:
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def _sandbox_pool(app: web.Application) -> AsyncIterator[None]:
@@ -127,39 +164,63 @@ async def _close_sessions(app: web.Application) -> None:
     )
 
 
-async def realtime(request: web.Request) -> web.WebSocketResponse:
+async def realtime(request: web.Request) -> web.StreamResponse:
+    door = request.app[FRONT_DOOR]
+    try:
+        entry = door.enter(frontdoor.knock(request))
+    except Refused as refused:
+        return frontdoor.refusal(request, refused)
+    try:
+        return await _serve(request, entry.scope)
+    finally:
+        door.leave(entry)
+
+
+async def _serve(request: web.Request, scope: Scope) -> web.WebSocketResponse:
     app, config = request.app, request.app[CONFIG]
     ws = web.WebSocketResponse(
-        protocols=("realtime",), max_msg_size=config.max_message_bytes * 16
+        protocols=(auth.SUBPROTOCOL,), max_msg_size=config.max_message_bytes * 16,
+        heartbeat=config.heartbeat or None,
     )
     await ws.prepare(request)
-    sessions = app[SESSIONS]
-    if len(sessions) >= config.max_sessions:
-        metrics.SESSIONS_REJECTED.inc()
-        await ws.close(
-            code=WSCloseCode.TRY_AGAIN_LATER,
-            message=f"server full ({config.max_sessions} sessions); retry later".encode(),
-        )
-        return ws
+    if scope.allowed_roots != config.allowed_roots:
+        config = dataclasses.replace(config, allowed_roots=scope.allowed_roots)
+    sessions, scopes = app[SESSIONS], app[SCOPES]
     dialect = dialects.detect(request.query, request.headers)
     session = Session(ws, dialect, request.query.get("model"), app[POOL], config,
                       app[LLM_BACKEND].llm, app[SPEECH].tts, app[SPEECH].stt)
-    sessions[session.id] = session
+    sessions[session.id], scopes[session.id] = session, scope
     metrics.SESSIONS.inc()
     metrics.SESSIONS_ACTIVE.inc()
-    log.info("%s: opened (%s dialect)", session.id, dialect.value)
+    log.info("%s: opened (%s dialect, %s)", session.id, dialect.value,
+             f"key {scope.key} by {scope.via}" if scope.key else "no key")
     try:
         await session.run()
     except Exception:
         log.exception("%s: failed", session.id)
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
     finally:
-        del sessions[session.id]
+        del sessions[session.id], scopes[session.id]
         metrics.SESSIONS_ACTIVE.dec()
         metrics.SESSION_DURATION.observe(session.age)
         log.info("%s: closed after %.1f s", session.id, session.age)
         await session.close()
     return ws
+
+
+async def client_secrets(request: web.Request) -> web.Response:
+    """OpenAI's ``POST /v1/realtime/client_secrets``: a secret that opens sessions with
+    the key's scope until it expires (the web client's way in)."""
+    door = request.app[FRONT_DOOR]
+    try:
+        key = door.minter(frontdoor.knock(request))
+        seconds, session = await frontdoor.client_secret_request(request)
+    except Refused as refused:
+        return frontdoor.refusal(request, refused)
+    value, expires_at = door.mint(key, seconds)
+    log.info("client secret for %s from %s, good for %d s",
+             f"key {key.name}" if key else "an open server", request.remote, seconds)
+    return web.json_response(frontdoor.client_secret_answer(value, expires_at, session))
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -184,6 +245,7 @@ async def health(request: web.Request) -> web.Response:
             "pool_idle": pool.idle,
             "pool_size": pool.config.pool_size,
             "children": len(pool.live_pids),
+            "warm": len(pool.warm_directories),
             "default_set_loaded": voices.sandbox is not None,
             "protections": pool.protections,
             "missing": pool.missing_protections,
@@ -205,6 +267,11 @@ async def voices(request: web.Request) -> web.Response:
 
 
 async def reload_voices(request: web.Request) -> web.Response:
+    try:
+        who = request.app[FRONT_DOOR].admin(frontdoor.admin_credential(request))
+    except Refused as refused:
+        return frontdoor.refusal(request, refused)
+    log.info("server-wide set reloaded over HTTP by %s (deprecated route)", who)
     headers = {
         "Deprecation": "true",
         "Link": '</v1/realtime>; rel="successor-version"',
@@ -238,42 +305,28 @@ async def reload_voices(request: web.Request) -> web.Response:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    token = request.app[CONFIG].admin_token
-    if not token:
-        raise web.HTTPNotFound(text="the admin API is off; set TROUPE_ADMIN_TOKEN (or "
-                               "--admin-token-file) to enable it")
-    # Exactly "Bearer <token>": a bare token or another scheme is refused, not guessed at.
-    expected = f"Bearer {token}".encode()
-    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-    if not secrets.compare_digest(given, expected):
-        raise web.HTTPUnauthorized(text="send Authorization: Bearer <admin token>")
-    sessions = list(request.app[SESSIONS].values())
-    pids = [session.characters.sandbox.pid if session.characters.sandbox else None
-            for session in sessions]
-    # Reading smaps_rollup costs ~2.5 ms a process: 0.5 s for 200 sessions, off the loop.
-    pss = await asyncio.to_thread(lambda: [_pss_kb(pid) for pid in pids])
-    return web.json_response([
-        {
-            "id": session.id,
-            "dialect": session.dialect.value,
-            "age_s": round(session.age, 1),
-            "directory": session.characters.directory,
-            "characters": [c.name for c in session.characters.characters],
-            "voice": session.settings.voice,
-            "sandbox_pid": pid,
-            "sandbox_pss_kb": kb,
-        }
-        for session, pid, kb in zip(sessions, pids, pss, strict=True)
-    ])
-
-
-def _pss_kb(pid: int | None) -> int | None:
-    if pid is None:
-        return None
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+        request.app[FRONT_DOOR].admin(frontdoor.admin_credential(request))
+    except Refused as refused:
+        return frontdoor.refusal(request, refused)
+    return web.json_response(await admin.rows(request.app[SESSIONS], request.app[SCOPES]))
+
+
+async def admin_page(request: web.Request) -> web.Response:
+    """The admin page; a browser's own login prompt (Basic, the password being an
+    admin key or the admin token) works as well as a Bearer header."""
+    try:
+        who = request.app[FRONT_DOOR].admin(frontdoor.admin_credential(request, basic=True))
+    except Refused as refused:
+        return frontdoor.refusal(request, refused, basic=True)
+    table = await admin.rows(request.app[SESSIONS], request.app[SCOPES])
+    return web.Response(text=admin.page(table, who), content_type="text/html",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def metrics_page(request: web.Request) -> web.StreamResponse:
+    try:
+        request.app[FRONT_DOOR].metrics(auth.bearer(request.headers.get("Authorization")))
+    except Refused as refused:
+        return frontdoor.refusal(request, refused)
+    return await server_stats(request)

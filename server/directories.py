@@ -30,11 +30,12 @@ def resolve(requested: str, default: Path, allowed_roots: tuple[Path, ...]) -> P
         )
     path = Path(requested).resolve()
     if not any(path.is_relative_to(root.resolve()) for root in allowed_roots):
-        roots = ", ".join(str(root) for root in allowed_roots) or "none are configured"
+        roots = ", ".join(str(root) for root in allowed_roots) or "none"
         raise TroupeError(
             "directory_not_allowed",
-            f"{requested} is outside the allowed roots ({roots}); "
-            "start the server with --allowed-root to allow one",
+            f"{requested} is outside the roots this session may load ({roots}); the "
+            "operator allows roots with --allowed-root, or per API key with allowed_roots "
+            "in the keys file",
             param="directory",
         )
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +42,13 @@ def url_of(server: TestClient) -> str:
 
 
 async def run_client(url: str, *args: str, stdin: bytes | None = None,
-                     wait: float = 20.0) -> Run:
+                     wait: float = 20.0, env: dict[str, str] | None = None) -> Run:
     """Run the client with ``--timeout wait`` to its end (killed if it outlives twice
     that and some)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "scripts.client", "--url", url,
         "--timeout", str(wait * SCALE), *args,
-        cwd=REPO,
+        cwd=REPO, env={**os.environ, **(env or {})},
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
@@ -211,7 +212,7 @@ async def test_a_silent_server_times_out(aiohttp_server: Any) -> None:
     assert "no session.created from the server within" in run.stderr
 
 
-async def test_a_full_server_closing_the_connection_is_reported(
+async def test_a_full_server_refusing_the_connection_is_reported(
     make_server: MakeServer
 ) -> None:
     server = await make_server(max_sessions=0)
@@ -219,7 +220,27 @@ async def test_a_full_server_closing_the_connection_is_reported(
     run = await run_client(url_of(server), "list")
 
     assert run.returncode == 1, run
-    assert "closed the connection (code 1013): server full" in run.stderr
+    assert "refused: server full (HTTP 503); retry in 5 s" in run.stderr
+
+
+async def test_a_key_from_the_environment_opens_a_keyed_server(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[key]]\nname = "cli"\nsecret = "sk-cli-0123456789abcdef"\n')
+    server = await make_server(api_keys=keys)
+
+    without = await run_client(url_of(server), "list")
+    wrong = await run_client(url_of(server), "list", env={"TROUPE_API_KEY": "sk-wrong-000000000"})
+    right = await run_client(url_of(server), "list",
+                             env={"TROUPE_API_KEY": "sk-cli-0123456789abcdef"})
+
+    assert without.returncode == 1 and "needs an API key (HTTP 401)" in without.stderr
+    assert "TROUPE_API_KEY" in without.stderr
+    assert wrong.returncode == 1 and "refused the key" in wrong.stderr
+    assert "sk-wrong" not in wrong.stderr
+    assert right.returncode == 0, right
+    assert "Bramble" in right.stdout
 
 
 async def test_help_names_the_commands_and_the_speech_options() -> None:

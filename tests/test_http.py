@@ -108,7 +108,7 @@ async def test_http_reload_changes_voices_but_not_live_sessions(
     make_server: MakeServer, connect: Connect, tmp_path: Path
 ) -> None:
     directory = write_directory(tmp_path, "server-wide", {"anne.py": character_source("Anne")})
-    client = await make_server(characters_dir=directory)
+    client = await make_server(characters_dir=directory, admin_token="t")
     session = await connect(on=client)
     assert await session.names() == ["Anne"]
     assert await voice_names(client) == {"Anne"}
@@ -117,8 +117,10 @@ async def test_http_reload_changes_voices_but_not_live_sessions(
         "anne.py": character_source("Anne Marie"),
         "bruno.py": character_source("Bruno"),
     })
-    response = await client.post("/v1/characters/reload")
+    refused = await client.post("/v1/characters/reload")
+    response = await client.post("/v1/characters/reload", headers={"Authorization": "Bearer t"})
 
+    assert refused.status == 401  # an admin route (README "The front door")
     assert response.status == 200
     assert "Deprecation" in response.headers
     assert (await response.json())["loaded_count"] == 2
@@ -197,22 +199,23 @@ async def test_session_list_shows_live_sessions_with_their_sandbox(
 # ── the session cap ──────────────────────────────────────────────────────────
 
 
-async def test_a_full_server_closes_new_connections_with_1013(
+async def test_a_full_server_refuses_new_connections_before_the_handshake(
     make_server: MakeServer, connect: Connect
 ) -> None:
     client = await make_server(max_sessions=1)
     first = await connect(on=client)
     names = await first.names()
 
-    second = await client.ws_connect("/v1/realtime?model=m", protocols=("realtime",))
-    try:
-        closing = await second.receive(timeout=20 * SCALE)
-    finally:
-        await second.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/v1/realtime?model=m", protocols=("realtime",))
+    response = await client.get("/v1/realtime?model=m", headers={
+        "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
 
-    assert closing.type is aiohttp.WSMsgType.CLOSE
-    assert second.close_code == 1013
-    assert "full" in closing.extra
+    assert refused.value.status == 503  # a load balancer sees it; nothing was accepted
+    assert refused.value.headers is not None and refused.value.headers["Retry-After"] == "5"
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "server_full"
     assert await first.names() == names
 
 

@@ -244,5 +244,20 @@ def test_the_script_connects_in_the_ga_dialect() -> None:
     script = _script()
 
     assert "/v1/realtime?model=troupe" in script
-    assert 'new WebSocket(serverUrl(), "realtime")' in script
+    assert ('new WebSocket(serverUrl(), ["realtime", `openai-insecure-api-key.${secret.value}`])'
+            in script)
     assert dialects.detect({"model": "troupe"}, {}) is dialects.Dialect.GA
+
+
+def test_the_script_trades_a_key_for_a_client_secret_and_keeps_neither_key_nor_secret() -> None:
+    """The long-lived key goes in one request (README "The front door"); nothing is
+    written where it would outlive the page."""
+    script = _script()
+
+    assert 'fetch("/v1/realtime/client_secrets"' in script
+    assert "headers.Authorization = `Bearer ${key}`" in script
+    assert '$("api-key").value = "";' in script
+    for storage in ("localStorage", "sessionStorage", "document.cookie", "indexedDB",
+                    "history.", "location.hash ="):
+        assert storage not in script, storage
+    assert 'type="password"' in PAGE.read_text(encoding="utf-8")

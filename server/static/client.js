@@ -1,7 +1,12 @@
 // Troupe web client: talk to a character of your session (DESIGN.md §2 and §6).
 //
-//   page load ─▶ WebSocket /v1/realtime?model=troupe, subprotocol "realtime" (OpenAI GA
-//                dialect; ?server=ws://host:port points it at another server)
+//   page load ─▶ POST /v1/realtime/client_secrets (to the server that served the page)
+//                200 ─▶ a short-lived secret "ek_…"
+//                401 ─▶ the server needs a key: the page asks for one, posts it once with
+//                       Authorization: Bearer, and forgets it (never stored anywhere)
+//            ─▶ WebSocket /v1/realtime?model=troupe, subprotocols "realtime" and
+//               "openai-insecure-api-key.<secret>" (OpenAI GA dialect; ?server=ws://host:port
+//               points it at another server, which must accept this server's secrets)
 //   session.created ─▶ session.characters.list ─▶ listed: fill the character menu
 //   pick a character ─▶ session.update {type: "realtime", audio: {output: {voice}}}
 //   Reload ─▶ session.characters.reload {directory} ─▶ reloaded: new menu, per-file errors
@@ -22,6 +27,7 @@ const CHUNK_MS = 80;
 
 const $ = (id) => document.getElementById(id);
 let ws = null;
+let secret = null; // {value, expires_at} from POST /v1/realtime/client_secrets
 let eventCount = 0;
 let audio = null; // AudioContext, created on the first click (autoplay policy)
 let playhead = 0; // context time at which the next audio delta starts
@@ -40,12 +46,52 @@ function serverUrl() {
   return `${base}/v1/realtime?model=troupe`;
 }
 
-function connect() {
+// The long-lived key is only ever in the password field and in the one request that
+// trades it for a client secret; the field is cleared at once.
+async function clientSecret(key) {
+  const headers = { "Content-Type": "application/json" };
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const response = await fetch("/v1/realtime/client_secrets", {
+    method: "POST",
+    headers,
+    body: JSON.stringify({ expires_after: { anchor: "created_at", seconds: 600 } }),
+    credentials: "omit",
+    cache: "no-store",
+  });
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 401) return { needsKey: true, message: body.error?.message };
+  if (!response.ok) throw new Error(body.error?.message || `HTTP ${response.status}`);
+  return { value: body.value, expires_at: body.expires_at };
+}
+
+async function connect(key = "") {
   $("reconnect").hidden = true;
   setStatus("connecting…");
-  ws = new WebSocket(serverUrl(), "realtime");
+  if (key || secret === null || secret.expires_at - 30 < Date.now() / 1000) {
+    let answer;
+    try {
+      answer = await clientSecret(key);
+    } catch (error) {
+      setStatus("disconnected");
+      note(`no client secret: ${error.message}`, "error");
+      $("reconnect").hidden = false;
+      return;
+    }
+    if (answer.needsKey) {
+      secret = null;
+      setStatus("this server needs an API key");
+      if (key) note(answer.message || "that key was refused", "error");
+      $("key-form").hidden = false;
+      $("api-key").focus();
+      return;
+    }
+    secret = answer;
+  }
+  $("key-form").hidden = true;
+  ws = new WebSocket(serverUrl(), ["realtime", `openai-insecure-api-key.${secret.value}`]);
   ws.onmessage = (message) => handle(JSON.parse(message.data));
-  ws.onerror = () => note(`cannot reach ${serverUrl()}`, "error");
+  ws.onerror = () => note(`cannot reach ${serverUrl()} (or it refused the connection: `
+    + "full, too many connections, or a page from another origin)", "error");
   ws.onclose = (closed) => {
     ws = null;
     stopMic();
@@ -358,6 +404,13 @@ $("mic").addEventListener("click", () => {
   }
 });
 
-$("reconnect").addEventListener("click", connect);
+$("reconnect").addEventListener("click", () => connect());
+
+$("key-form").addEventListener("submit", (submit) => {
+  submit.preventDefault();
+  const key = $("api-key").value.trim();
+  $("api-key").value = "";
+  if (key) connect(key);
+});
 
 connect();
