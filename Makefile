@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench loadtest clean
+.PHONY: install run test lint bench loadtest fuzz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(STAMP)
 ##           make loadtest ARGS="--spawn-server --scenario capacity"
 loadtest: $(STAMP)
 	$(PY) -m scripts.loadtest $(ARGS)
+
+## fuzz: a long hypothesis campaign over tests/test_fuzz.py (make test runs a short,
+##       fixed-seed pass); more with ARGS, e.g. make fuzz FUZZ_EXAMPLES=20000
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	TROUPE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py --timeout=0 $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -17,13 +17,16 @@ a campaign finds becomes an ``@example`` here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 from conftest import SCALE, character_source, write_directory
@@ -96,8 +99,7 @@ def framed(message: Any) -> bytes:
 replies = st.one_of(
     st.builds(wire.Pong, id=st.integers(-2**31, 2**40), pid=st.integers(-5, 2**31)),
     st.builds(wire.Prompt, id=st.integers(0, 10**6), text=st.text(max_size=50)),
-    st.builds(wire.Tools, id=st.integers(0, 10**6),
-              tools=st.lists(st.dictionaries(st.text(max_size=5), st.integers()), max_size=3)),
+    st.builds(wire.Tools, id=st.integers(0, 10**6), tools=st.text(max_size=50)),
     st.builds(wire.Failed, id=st.integers(0, 10**6), error_type=st.text(max_size=20),
               message=st.text(max_size=50)),
     st.builds(wire.Progress, id=st.integers(0, 10**6), file=st.text(max_size=20)),
@@ -106,7 +108,8 @@ garbage = st.one_of(
     st.binary(min_size=1, max_size=64),
     st.binary(max_size=32).map(lambda data: len(data).to_bytes(4, "big") + data),
     st.integers(wire.MAX_FRAME + 1, 2**32 - 1).map(lambda size: size.to_bytes(4, "big")),
-    st.dictionaries(st.text(max_size=8), st.integers(), max_size=4).map(framed),
+    st.dictionaries(st.text(max_size=8), st.integers(-(2**63), 2**63 - 1),
+                    max_size=4).map(framed),
 )
 
 
@@ -114,6 +117,8 @@ garbage = st.one_of(
 @given(payload=st.one_of(replies, garbage))
 @example(payload=(2**32 - 1).to_bytes(4, "big"))
 @example(payload=framed(wire.Pong(id=10**6, pid=1)))
+@example(payload=b"\x00\x00\x00\x16\x81\xab\x07[-`\xc3\x8e\x14\xc3\x86\xc3\xba\xd3"
+         b"\x80\x04\r\x9a;\xd3\x00\x00")
 def fuzz_child_frames(runner: asyncio.Runner, sandbox: Sandbox, directory: Path,
                       payload: bytes) -> None:
     (directory / "payload.bin").write_bytes(payload)
@@ -234,3 +239,135 @@ def test_generated_character_files_load_or_are_reported(
     finally:
         runner.run(pool.close())
 
+
+
+# ── client events against a live server ──────────────────────────────────────
+
+EVENT_TYPES = [
+    "session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
+    "input_audio_buffer.clear", "conversation.item.create", "response.create",
+    "response.cancel", "session.characters.reload", "session.characters.list",
+]
+odd_text = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=200),
+    st.sampled_from(["", "\x00", "/etc/passwd", "../../..", "default", "💥" * 50,
+                     "a" * 70_000, "=" * 9, "not base64!", "AAA"]),
+)
+base64_audio = st.one_of(
+    st.binary(max_size=3001).map(lambda data: base64.b64encode(data).decode()),  # odd pcm16
+    st.binary(min_size=27, max_size=300).map(
+        lambda data: base64.b64encode(b"OggS" + data).decode()),  # garbage "Opus"
+    odd_text,
+)
+values: st.SearchStrategy[Any] = st.one_of(
+    json_values, odd_text, base64_audio, st.integers(-(2**70), 2**70),
+)
+field_names = st.sampled_from([
+    "session", "audio", "item", "directory", "event_id", "response", "voice",
+    "instructions", "input_audio_format", "output_audio_format", "turn_detection",
+    "modalities", "tools", "temperature", "content", "role", "type", "extra",
+])
+session_fields = st.dictionaries(st.sampled_from([
+    "voice", "instructions", "allow_recording", "modalities", "output_modalities",
+    "input_audio_format", "output_audio_format", "turn_detection", "temperature", "tools",
+    "audio", "type", "unknown_field"]), values, max_size=4)
+items = st.fixed_dictionaries({}, optional={
+    "type": st.one_of(st.just("message"), values),
+    "role": st.one_of(st.sampled_from(["user", "assistant", "system"]), values),
+    "content": st.one_of(st.lists(st.fixed_dictionaries({}, optional={
+        "type": st.one_of(st.just("input_text"), values), "text": values}), max_size=3),
+        values),
+})
+
+
+@st.composite
+def client_events(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(EVENT_TYPES))
+    event: dict[str, Any] = {"type": kind}
+    if kind == "session.update":
+        event["session"] = draw(st.one_of(session_fields, values))
+    elif kind == "input_audio_buffer.append":
+        event["audio"] = draw(base64_audio)
+    elif kind == "conversation.item.create":
+        event["item"] = draw(st.one_of(items, values))
+    elif kind == "session.characters.reload":
+        event["directory"] = draw(st.one_of(odd_text, values))
+    for name, value in draw(st.dictionaries(field_names, values, max_size=2)).items():
+        event.setdefault(name, value)  # extra fields, or fields of the wrong type
+    if draw(st.booleans()):
+        event.pop(draw(st.sampled_from(sorted(event))), None)  # a missing field
+    return event
+
+
+LEAKS = ("Traceback", 'File "', str(Path(__file__).resolve().parent.parent), "site-packages")
+
+
+@FUZZ
+@given(event=client_events())
+@example(event={"type": "session.update", "session": {"voice": [[[[[[[[[[[[1]]]]]]]]]]]]}})
+@example(event={"type": "input_audio_buffer.append", "audio": "AAA"})
+@example(event={"type": "conversation.item.create", "item": {"content": [[]] * 65}})
+def fuzz_client_events(runner: asyncio.Runner, client: Any, event: dict[str, Any]) -> None:
+    from server.protocol import InvalidEvent, decode_client
+
+    frame = json.dumps(event)
+    try:
+        decode_client(frame)
+        bad = False
+    except InvalidEvent:
+        bad = True
+
+    async def one() -> None:
+        ws = await client.ws_connect("/v1/realtime?model=fuzz", protocols=("realtime",))
+        try:
+            created = await ws.receive_json(timeout=20 * SCALE)
+            assert created["type"] == "session.created"
+            await ws.send_str(frame)
+            await ws.send_str(json.dumps({"type": "session.characters.list",
+                                          "event_id": "fuzz-marker"}))
+            seen: list[dict[str, Any]] = []
+            for _ in range(500):  # bounded; a reply may stream events before the marker
+                message = await ws.receive(timeout=20 * SCALE)
+                assert message.type is aiohttp.WSMsgType.TEXT, (message, event, seen[-5:])
+                answer = json.loads(message.data)
+                seen.append(answer)
+                if answer["type"] == "session.characters.listed":
+                    break
+            else:
+                pytest.fail(f"the session never answered the marker after {event}")
+            errors = [e for e in seen if e["type"] == "error"]
+            assert len(errors) == 1 if bad else len(errors) <= 1, (event, errors)
+            if bad:
+                assert errors[0]["error"]["code"] in ("invalid_event", "message_too_large")
+            for error in errors:
+                text = json.dumps(error)
+                assert not any(leak in text for leak in LEAKS), text
+        finally:
+            await ws.close()
+
+    runner.run(one())
+
+
+def test_client_events_of_every_kind_get_one_clear_error_at_most(
+    runner: asyncio.Runner, tmp_path: Path
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from server.app import create_app
+    from server.config import Config
+
+    config = Config(port=0, allowed_roots=(tmp_path.resolve(),), llm=None, stt=None, tts=None,
+                    max_reloads_per_minute=100_000,
+                    sandbox=SandboxConfig(limits=ChildLimits(memory_mb=256),
+                                          call_timeout=2.0 * SCALE, pool_size=1))
+    async def start() -> TestClient:
+        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        await client.start_server()
+        return client
+
+    client = runner.run(start())
+    try:
+        fuzz_client_events(runner, client)
+    finally:
+        runner.run(client.close())
