@@ -4,8 +4,10 @@
     ServerEvent ──encode()──▶ JSON text frame
 
 Client events ignore fields they do not know (OpenAI clients send many); a field we
-do know with the wrong type is an ``invalid_event`` error naming it. Dialect-specific
-shapes (the ``session`` object) are built in ``dialects.py``.
+do know with the wrong type is an ``invalid_event`` error naming it, and so is JSON
+nested more than ``MAX_DEPTH`` deep anywhere in a frame (decoding, and whatever
+later walks a free-form field such as ``tools``, recurses once a level).
+Dialect-specific shapes (the ``session`` object) are built in ``dialects.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import secrets
 from typing import Any
 
 import msgspec
+import numpy as np
 
 # ── client → server ──────────────────────────────────────────────────────────
 
@@ -135,6 +138,12 @@ class _Header(msgspec.Struct):
 _client_decoder = msgspec.json.Decoder(ClientEventUnion)
 _header_decoder = msgspec.json.Decoder(_Header)
 
+MAX_DEPTH = 64
+"""Objects and arrays a client frame may nest, the event itself counted (an OpenAI
+tool's JSON schema takes two a level). Deeper is refused before decoding: msgspec
+raises ``RecursionError`` near 1 000, and code that walks a free-form field later
+(rendering ``session.tools``) would fail far sooner, deep in the stack."""
+
 
 class InvalidEvent(ValueError):
     """A client frame that is not a valid event; ``param`` names the field."""
@@ -148,6 +157,9 @@ class InvalidEvent(ValueError):
 def decode_client(data: str | bytes) -> ClientEventUnion:
     """Decode one client frame. Raises ``InvalidEvent`` with a message that says what
     to fix."""
+    if _nesting(data) > MAX_DEPTH:
+        raise InvalidEvent(f"the frame nests objects and arrays more than {MAX_DEPTH} deep; "
+                           "send flatter JSON")
     try:
         event: ClientEventUnion = _client_decoder.decode(data)
         return event
@@ -170,6 +182,28 @@ def decode_client(data: str | bytes) -> ClientEventUnion:
     message = str(error)
     param = message.rpartition("`$.")[2].rstrip("`") if "`$." in message else None
     raise InvalidEvent(f"invalid {header.type}: {message}", param, event_id) from None
+
+
+def _nesting(data: str | bytes) -> int:
+    """How deeply the JSON ``data`` nests objects and arrays (an upper bound when it
+    is not JSON). Counted on the text before any decoder recurses into it, in a few
+    passes of C: escaped backslashes and quotes go, then numpy counts the brackets
+    outside strings (after an even number of quotes)."""
+    opening = (data.count("[") + data.count("{") if isinstance(data, str)
+               else data.count(b"[") + data.count(b"{"))
+    if opening <= MAX_DEPTH:
+        return opening  # audio appends (base64 has no brackets) stop here
+    text = data.encode() if isinstance(data, str) else data
+    text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    chars = np.frombuffer(text, dtype=np.uint8)
+    outside = (np.cumsum(chars == ord('"'), dtype=np.int32) & 1) == 0
+    steps = np.where(outside, _BRACKET_STEP[chars], 0).astype(np.int32)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+_BRACKET_STEP = np.zeros(256, dtype=np.int8)
+_BRACKET_STEP[list(b"[{")] = 1
+_BRACKET_STEP[list(b"]}")] = -1
 
 
 # ── server → client ──────────────────────────────────────────────────────────
