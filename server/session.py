@@ -3,25 +3,50 @@
     ws frames ─▶ receive loop ─ size / binary / JSON / schema checks ─▶ error event
                       │ valid event
                       ▼
-                 ordered queue ─▶ worker: session.update, characters.list/reload
+                 backlog ─▶ worker: session.update, characters.list/reload, audio, …
                                   (one at a time, each answered exactly once)
+    worker, reply, STT reader ─▶ outbox ─▶ writer ─▶ ws frames
     close: cancel the worker, kill the session's sandboxes, drop its metric series
 
-The first job on the queue loads the default directory, so a client's first
+The first job on the backlog loads the default directory, so a client's first
 ``session.characters.list`` already sees its own characters.
+
+Limits (README "Limits"): every queue of a session is bounded, and nothing a
+client does makes the server wait for it.
+
+- The backlog holds at most ``MAX_BACKLOG_EVENTS`` events and ``MAX_BACKLOG_BYTES``
+  of their frames. An event that finds it full is dropped: the first of a run gets
+  an ``error`` (``rate_limited``), the others none; more than ``MAX_DROPPED_EVENTS``
+  in a row close the session with 1008 "too many events while behind".
+- The outbox holds at most ``MAX_OUTBOX_BYTES`` of events not yet written, and one
+  frame may take the socket at most ``SEND_TIMEOUT`` seconds: past either, the
+  client is not reading; the session closes with 1008 "client not reading", the
+  events still queued dropped.
+- More than ``MAX_INVALID_EVENTS`` refused frames (not JSON, not an event, too
+  large, binary, nested too deep) in ``INVALID_WINDOW`` seconds: one ``error``
+  (``rate_limited``), then a close with 1008 "too many invalid events". Below
+  that, each gets its ``invalid_event`` (or ``message_too_large``) error.
+- A close waits ``CLOSE_TIMEOUT`` seconds at most for the client's close frame,
+  then resets the connection: what the client never read is freed at once.
+
+The receive loop yields to the event loop after every frame, so a client that
+sends as fast as loopback allows delays no other session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from sandbox import CallFailed, CharacterInfo, Pool, SandboxCrashed, SandboxTimeout
 
@@ -31,6 +56,7 @@ from .config import Config
 from .conversation import Conversation
 from .dialects import Dialect, SessionSettings
 from .errors import ServerSideError, TroupeError
+from .limits import Backlog, Outbox, SlidingWindow
 from .listening import Listening, Utterance
 from .llm import LLM, BackendUnavailable
 from .opus import OpusDecoder
@@ -46,6 +72,23 @@ SILENCE_MARKER = "..."
 """The person's turn when they stayed silent (Unmute's marker): the character goes on."""
 GOODBYE = "Bye!"
 """A reply ending with this closes the session once it has been spoken."""
+
+# The limits below would be Config options; until then, module constants.
+MAX_BACKLOG_EVENTS = 256
+"""Client events waiting for the worker (20 s of 80 ms audio appends)."""
+MAX_BACKLOG_BYTES = 4 * 1024 * 1024
+"""Characters of the frames those events came from."""
+MAX_DROPPED_EVENTS = 256
+"""Events dropped in a row at a full backlog before the session is closed."""
+MAX_OUTBOX_BYTES = 2 * 1024 * 1024
+"""Characters of server events not yet written to the socket (30 s of pcm16 audio)."""
+SEND_TIMEOUT = 10.0
+"""Seconds one frame may wait for the client to take data before it is abandoned."""
+MAX_INVALID_EVENTS = 32
+"""Refused frames allowed in ``INVALID_WINDOW`` seconds; one more closes the session."""
+INVALID_WINDOW = 10.0
+CLOSE_TIMEOUT = 5.0
+"""Seconds a close waits (flushing, then for the client's close frame) before a reset."""
 
 
 class Session:
@@ -76,7 +119,14 @@ class Session:
         self.conversation = Conversation()
         self._reply: asyncio.Task[None] | None = None
         self.started = time.monotonic()
-        self._jobs: asyncio.Queue[protocol.ClientEventUnion | _Turn | None] = asyncio.Queue()
+        self.last_heard = self.started  # the client's last frame (pings do not count)
+        self._jobs: Backlog[protocol.ClientEventUnion | _Turn | None] = Backlog(
+            MAX_BACKLOG_EVENTS, MAX_BACKLOG_BYTES)
+        self._outbox = Outbox(MAX_OUTBOX_BYTES)
+        self._writer: asyncio.Task[None] | None = None
+        self._sending_since: float | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._refused = SlidingWindow(MAX_INVALID_EVENTS, INVALID_WINDOW)
         self._reloads: collections.deque[float] = collections.deque()
 
     @property
@@ -84,19 +134,33 @@ class Session:
         return time.monotonic() - self.started
 
     async def run(self) -> None:
-        """Serve the connection until the client leaves."""
+        """Serve the connection until the client leaves or the session closes it."""
+        self._writer = asyncio.create_task(self._write(), name=f"{self.id}-writer")
         worker = asyncio.create_task(self._work(), name=f"{self.id}-worker")
         try:
             if self.dialect is not Dialect.UNMUTE:
                 await self.send(protocol.SessionCreated(
                     session=dialects.render(self.dialect, self.settings)))
-            await self._jobs.put(None)  # the initial load of the default directory
+            self._jobs.put(None)  # the initial load of the default directory
             await self._receive()
         finally:
             worker.cancel()
+            if self._parting is not None:
+                self._parting.cancel()
+            writer = self._writer
+            if self._closer is None:  # the client left: what it did not read goes
+                self._outbox.close(drop=True)
+                writer.cancel()
+            else:  # once closed, no close frame waits on the writer's drain
+                self._closer.add_done_callback(lambda _: writer.cancel())
+            self._jobs.clear()
             await asyncio.gather(worker, return_exceptions=True)
             await self._cancel_reply()
             await self._stop_listening()
+            # Shielded: a shutdown that cancels us still ends in a close or a reset.
+            await asyncio.gather(asyncio.shield(self._closer or writer),
+                                 return_exceptions=True)
+            await asyncio.gather(writer, return_exceptions=True)
 
     async def close(self) -> None:
         try:
@@ -112,10 +176,14 @@ class Session:
         if self.ws.closed or not dialects.accepts(self.dialect, event_type):
             return
         metrics.WEBSOCKET_EVENTS.labels(event_type, "out").inc()
-        try:
-            await self.ws.send_str(protocol.encode(event))
-        except ConnectionError:
-            pass  # the client is gone; the receive loop ends on its own
+        if not self._outbox.push(protocol.encode(event)):
+            self.end(WSCloseCode.POLICY_VIOLATION, "client not reading", flush=False,
+                     why=f"{self._outbox.size} bytes of events wait for it (the limit "
+                         f"is {MAX_OUTBOX_BYTES})")
+        elif (since := self._sending_since) is not None and (
+                time.monotonic() - since > SEND_TIMEOUT):
+            self.end(WSCloseCode.POLICY_VIOLATION, "client not reading", flush=False,
+                     why=f"a frame has waited {SEND_TIMEOUT:g} s for it to take data")
 
     def _sandbox_died(self, reason: str) -> None:
         """The sandbox died between requests: tell the client now (it restarts, with
@@ -139,19 +207,18 @@ class Session:
     async def _receive(self) -> None:
         limit = self.config.max_message_bytes
         async for message in self.ws:
+            self.last_heard = time.monotonic()
             if message.type is WSMsgType.TEXT:
                 if len(message.data) > limit:
-                    metrics.WEBSOCKET_EVENTS.labels("oversized", "in").inc()
-                    await self.send_error(TroupeError(
+                    await self._refuse("oversized", TroupeError(
                         "message_too_large",
                         f"a frame of {len(message.data)} bytes exceeds the limit of {limit}; "
                         "split audio into smaller input_audio_buffer.append events",
                     ))
-                    continue
-                await self._accept(message.data)
+                else:
+                    await self._accept(message.data)
             elif message.type is WSMsgType.BINARY:
-                metrics.WEBSOCKET_EVENTS.labels("binary", "in").inc()
-                await self.send_error(TroupeError(
+                await self._refuse("binary", TroupeError(
                     "invalid_event",
                     "binary frames are not accepted: send JSON text events "
                     "(audio goes base64-encoded in input_audio_buffer.append)",
@@ -159,18 +226,97 @@ class Session:
             elif message.type is WSMsgType.ERROR:
                 log.info("%s: connection error: %s", self.id, self.ws.exception())
                 return
+            if self._closer is not None:
+                return  # closing: what the client sends now is read and discarded
+            # Frames already buffered are read without a pause: let the others run.
+            await asyncio.sleep(0)
 
     async def _accept(self, data: str) -> None:
         try:
             event = protocol.decode_client(data)
         except protocol.InvalidEvent as exc:
-            metrics.WEBSOCKET_EVENTS.labels("invalid", "in").inc()
-            await self.send_error(
-                TroupeError("invalid_event", str(exc), param=exc.param), exc.event_id
-            )
+            await self._refuse("invalid", TroupeError("invalid_event", str(exc),
+                                                      param=exc.param), exc.event_id)
             return
-        metrics.WEBSOCKET_EVENTS.labels(type(event).__struct_config__.tag, "in").inc()
-        await self._jobs.put(event)
+        event_type = type(event).__struct_config__.tag
+        metrics.WEBSOCKET_EVENTS.labels(event_type, "in").inc()
+        if self._jobs.offer(event, len(data)):
+            return
+        if self._jobs.dropped == 1:
+            await self.send_error(TroupeError(
+                "rate_limited",
+                f"this session is {len(self._jobs)} events behind; this {event_type} and "
+                "the events after it are dropped until it catches up: wait for answers "
+                f"before sending more (after {MAX_DROPPED_EVENTS} dropped, it closes)",
+                details={"backlog_events": len(self._jobs), "backlog_bytes": self._jobs.size},
+            ), event.event_id)
+        elif self._jobs.dropped > MAX_DROPPED_EVENTS:
+            self.end(WSCloseCode.POLICY_VIOLATION, "too many events while behind",
+                     why=f"{self._jobs.dropped} events dropped in a row")
+
+    async def _refuse(self, kind: str, error: TroupeError, event_id: str | None = None) -> None:
+        """A frame that is no event: its error, unless they come too often."""
+        metrics.WEBSOCKET_EVENTS.labels(kind, "in").inc()
+        if not self._refused.hit(time.monotonic()):
+            await self.send_error(error, event_id)
+            return
+        await self.send_error(TroupeError(
+            "rate_limited",
+            f"more than {MAX_INVALID_EVENTS} invalid frames within {INVALID_WINDOW:g} s "
+            f"(the last: {error.message}); the session closes",
+        ), event_id)
+        self.end(WSCloseCode.POLICY_VIOLATION, "too many invalid events",
+                 why=f"more than {MAX_INVALID_EVENTS} in {INVALID_WINDOW:g} s")
+
+    # ── sending and closing ──────────────────────────────────────────────────
+
+    async def _write(self) -> None:
+        """Write the outbox to the socket, in order; ``_sending_since`` says since
+        when the frame being written waits for the client to take data (``send``
+        gives up on a client past ``SEND_TIMEOUT``). Never cancelled while the
+        connection lives: aiohttp's writes wait on one shared drain future, and a
+        cancelled wait cancels it, failing the close frame's wait after it."""
+        while (frame := await self._outbox.get()) is not None:
+            self._sending_since = time.monotonic()
+            try:
+                await self.ws.send_str(frame)
+            except ConnectionError:
+                self._outbox.close(drop=True)  # the client is gone; the receive loop ends
+                return
+            finally:
+                self._sending_since = None
+
+    def end(self, code: int, reason: str, why: str = "", *, flush: bool = True) -> None:
+        """Close the session, from a task of its own (the first call only counts):
+        the events queued are sent first when ``flush``, else dropped. ``reason``
+        goes in the close frame (at most 123 bytes), ``why`` only to the log."""
+        if self._closer is None:
+            log.info("%s: closing with %d, %s: %s", self.id, code, reason, why)
+            self._closer = asyncio.create_task(self._close(code, reason, flush),
+                                               name=f"{self.id}-closer")
+
+    async def _close(self, code: int, reason: str, flush: bool) -> None:
+        """Send what is queued (``flush``) or drop it, then the close frame, and
+        wait for the client's; past ``CLOSE_TIMEOUT``, reset the connection."""
+        self._outbox.close(drop=not flush)  # the writer ends after its current frame
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                if flush and self._writer is not None:
+                    await asyncio.wait({self._writer})
+                await self.ws.close(code=code, message=reason.encode())
+            if self.ws.exception() is None and self.ws.close_code not in (
+                    None, WSCloseCode.ABNORMAL_CLOSURE):
+                return  # the client answered: all it was sent, it read
+        except TimeoutError:
+            pass
+        # The client does not read, so asyncio's transport.close() would keep what it
+        # holds until it does; a reset frees it now (aiohttp exposes the socket only).
+        log.info("%s: no close handshake within %g s; resetting", self.id, CLOSE_TIMEOUT)
+        sock = self.ws.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)
 
     # ── the ordered worker ───────────────────────────────────────────────────
 
@@ -350,7 +496,7 @@ class Session:
                 if stopping is not None:
                     await asyncio.wait({stopping})  # its response.done goes out
             case _:
-                await self._jobs.put(_Turn(action, at, listening))
+                self._jobs.put(_Turn(action, at, listening))
 
     async def _turn(self, turn: _Turn) -> None:
         listening = self._listening
@@ -469,10 +615,10 @@ class Session:
             self._parting = asyncio.create_task(self._part(speaking.lead if speaking else 0))
 
     async def _part(self, delay: float) -> None:
-        """Close the socket from a task of its own, which the reply's end does not
-        cancel: the close handshake finishes."""
-        await asyncio.sleep(delay)  # what the client still had queued
-        await self.ws.close(code=1000, message=b"the character said goodbye")
+        """Close once the client played what it had queued (in a task of its own,
+        which the reply's end does not cancel)."""
+        await asyncio.sleep(delay)
+        self.end(WSCloseCode.OK, "the character said goodbye")
 
     def _audio_out(self) -> replies.AudioOut:
         """pcm16 per reply, or the session's one continuous Ogg Opus stream."""
