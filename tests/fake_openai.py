@@ -227,6 +227,9 @@ class FakeOpenAI:
 
 async def _close_after(request: web.Request, response: web.StreamResponse) -> None:
     response.force_close()
+    # Said too, so that the client closes its end as soon as it has read the answer
+    # (aiohttp's hook runs after it wrote its own connection header).
+    response.headers["Connection"] = "close"
 
 
 @dataclass
