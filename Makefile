@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench loadtest fuzz clean
+.PHONY: install run test lint bench loadtest fuzz chaos clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(STAMP)
 ##           make loadtest ARGS="--spawn-server --scenario capacity"
 loadtest: $(STAMP)
 	$(PY) -m scripts.loadtest $(ARGS)
+
+## chaos: many sessions, repeated backend, sandbox, worker and shutdown faults; a table
+##        per fault (disturbed, turns lost, errors by code, leftovers), e.g.
+##        make chaos ARGS="--only llm,sandbox --sessions 10"
+chaos: $(STAMP)
+	$(PY) -m scripts.chaos $(ARGS)
 
 ## fuzz: a long hypothesis campaign over tests/test_fuzz.py (make test runs a short,
 ##       fixed-seed pass); more with ARGS, e.g. make fuzz FUZZ_EXAMPLES=20000
