@@ -38,11 +38,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -594,8 +595,11 @@ class Session:
             source = info.voice_source if info is not None else {}
             speaking = replies.Speaking(self.tts, self.tts.voice_for(source),
                                         self._audio_out(), self.config.audio_lead)
-        self._reply = asyncio.create_task(self._reply_and_part(replies.run_reply(
-            send=self.send, send_error=self.send_error, llm=self.llm, sandbox=sandbox,
+        # The reply's coroutine is made inside the task: a task cancelled before it
+        # starts would otherwise leave it never awaited.
+        self._reply = asyncio.create_task(self._reply_and_part(functools.partial(
+            replies.run_reply, send=self.send, send_error=self.send_error, llm=self.llm,
+            sandbox=sandbox,
             character=character, system_prompt=self.system_prompt,
             conversation=self.conversation, temperature=self.settings.temperature,
             speaking=speaking, unmute=self.dialect is Dialect.UNMUTE,
@@ -605,11 +609,11 @@ class Session:
             self._listening.turns.reply_started()
         return True
 
-    async def _reply_and_part(self, reply: Coroutine[Any, Any, str | None],
+    async def _reply_and_part(self, reply: Callable[[], Coroutine[Any, Any, str | None]],
                               speaking: replies.Speaking | None) -> None:
         """One reply; a character that ends it with ``Bye!`` closes the session, as
         in Unmute (code 1000: a normal end), once its audio has played."""
-        text = await reply
+        text = await reply()
         if text is not None and text.rstrip().endswith(GOODBYE):
             log.info("%s: the character said goodbye; closing", self.id)
             self._parting = asyncio.create_task(self._part(speaking.lead if speaking else 0))

@@ -36,6 +36,7 @@ from fake_openai import FakeOpenAI, fake_openai_fixture, stall, text  # noqa: F4
 from pydantic import BaseModel, ValidationError
 
 from server import protocol
+from server.app import SESSIONS
 from server.dialects import Dialect, accepts
 from server.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder
 
@@ -696,3 +697,38 @@ async def test_a_long_silence_makes_the_character_speak_again_twice_at_most(
         {"role": "user", "content": "Hello"},
     ]
     assert len(fake_openai.requests) == 4
+
+
+# ── switching character while the last one is still greeting ─────────────────
+
+
+async def test_switching_character_mid_greeting_never_crashes_the_sandbox(
+    fake_openai: FakeOpenAI, fake_kyutai_tts: FakeKyutaiTTS, make_server: MakeServer,
+    unmute: Open,
+) -> None:
+    """Seen before replies were matched to requests by id: a second voice right after
+    the first cancelled the greeting while it fetched its system prompt, the prompt's
+    answer stayed in the pipe, and the next call read it ("the sandbox died during
+    system_prompt (answered request 4 when 5 was asked)")."""
+    voices = ["Wren", "Bramble", "Margaux", "Abner Crane"] * 3
+    fake_openai.script(*[text("Hello.") for _ in voices])
+    server = await make_server(llm=fake_openai.base_url, tts=fake_kyutai_tts.url)
+    session = await unmute(server)
+
+    for voice in voices:  # each update cancels the greeting the one before started
+        await session.send({"type": "session.update", "session": {
+            "voice": voice, "instructions": INSTRUCTIONS, "allow_recording": False}})
+    # Each character's prompt is asked for while the greeting before is cancelled.
+    await session.send({"type": "session.characters.list"})
+    events = await session.until("session.characters.listed")
+    sandbox = next(iter(server.app[SESSIONS].values())).characters.sandbox
+    first_pid = sandbox.pid if sandbox is not None else None
+
+    await session.send({"type": "session.characters.list"})
+    events += await session.until("session.characters.listed")
+
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors == []
+    updated = [e["session"]["voice"] for e in events if e["type"] == "session.updated"]
+    assert updated == voices
+    assert sandbox is not None and sandbox.pid == first_pid  # a healthy child is kept
