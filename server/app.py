@@ -37,6 +37,7 @@ from . import admin, auth, dialects, frontdoor, metrics
 from .auth import FrontDoor, Refused, Scope
 from .characters import CharacterSet
 from .config import Config
+from .deadlines import Deadlines, watch
 from .errors import TroupeError
 from .llm_backend import Backend
 from .session import Session
@@ -194,12 +195,17 @@ async def _serve(request: web.Request, scope: Scope) -> web.WebSocketResponse:
     metrics.SESSIONS_ACTIVE.inc()
     log.info("%s: opened (%s dialect, %s)", session.id, dialect.value,
              f"key {scope.key} by {scope.via}" if scope.key else "no key")
+    deadlines = Deadlines(idle=config.idle_timeout or None,
+                          max_length=config.max_session or None)
+    watcher = asyncio.create_task(watch(session, deadlines), name=f"{session.id}-deadlines")
     try:
         await session.run()
     except Exception:
         log.exception("%s: failed", session.id)
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
     finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         del sessions[session.id], scopes[session.id]
         metrics.SESSIONS_ACTIVE.dec()
         metrics.SESSION_DURATION.observe(session.age)

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from aiohttp import WSCloseCode
 
+from . import metrics
 from .errors import TroupeError
 
 
@@ -68,6 +69,8 @@ async def watch(session: Watched, deadlines: Deadlines) -> None:
     session ends first)."""
     while True:
         expired, wait = deadlines.due(session.started, session.last_heard, time.monotonic())
+        if expired is not None:
+            metrics.SESSIONS_EXPIRED.labels(expired.value).inc()
         match expired:
             case Expiry.MAX_LENGTH:
                 limit = _duration(deadlines.max_length or 0)

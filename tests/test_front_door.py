@@ -462,7 +462,50 @@ async def test_sighup_rereads_the_keys_file_and_live_sessions_go_on(
         await live.close()
 
 
-# ── how long: dead peers ───────────────────────────────
+# ── how long: idle, maximum length, dead peers ───────────────────────────────
+
+
+async def test_an_idle_session_is_closed_with_1000_and_a_reason(
+    make_server: MakeServer
+) -> None:
+    server = await make_server(idle_timeout=1.0)
+    ws = await server.ws_connect(realtime(), protocols=("realtime",))
+    await receive(ws)
+
+    messages = await until_closed(ws)
+
+    assert ws.close_code == 1000
+    assert "idle for 1 s" in messages[-1].extra
+
+
+async def test_a_client_that_keeps_talking_is_not_idle(make_server: MakeServer) -> None:
+    server = await make_server(idle_timeout=1.0 * SCALE)
+    ws = await server.ws_connect(realtime(), protocols=("realtime",))
+    await receive(ws)
+    try:
+        for _ in range(12):  # 3 idle timeouts' worth, a frame every quarter of one
+            await asyncio.sleep(0.25 * SCALE)
+            answer = await request(ws, {"type": "session.characters.list"})
+            assert answer["type"] == "session.characters.listed", answer
+    finally:
+        await ws.close()
+
+
+async def test_a_session_past_its_maximum_length_gets_session_expired_then_a_close(
+    make_server: MakeServer
+) -> None:
+    server = await make_server(max_session=1.0)
+    ws = await server.ws_connect(realtime(), protocols=("realtime",))
+    await receive(ws)
+
+    messages = await until_closed(ws)
+
+    events = [json.loads(m.data) for m in messages if m.type is aiohttp.WSMsgType.TEXT]
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["code"] == "session_expired"
+    assert "maximum length of 1 s" in events[-1]["error"]["message"]
+    assert ws.close_code == 1000
+    assert "session expired" in messages[-1].extra
 
 
 async def test_a_peer_that_stops_answering_pings_is_dropped(make_server: MakeServer) -> None:
