@@ -107,7 +107,9 @@ The JSON file's top level: ``scenario``, ``sessions_requested``, ``sessions_held
 ``errors_by_code`` (server codes, and ``client.*`` for what the client saw: a refused
 connection, a close code, a timeout), ``clients`` (whether sessions interrupted and
 offered compression, how many negotiated it, the interruption offsets),
-``interruptions_made``, ``interrupted_at_ms`` (reply audio received when each began),
+``interruptions_made``, ``interruptions_missed`` (found no reply going),
+``questions_over_late_replies``, ``interrupted_at_ms`` (reply audio received when
+each interruption began),
 ``responses`` (``response.done`` by status: completed, cancelled, failed),
 ``turns`` (asked, answered, merged, superseded, in flight at the end, unanswered:
 ``scripts/loadtest_stats.Turns``), ``leftover_processes``, ``orphan_processes``,
@@ -586,6 +588,8 @@ def assemble(args: argparse.Namespace, target: Target, cycle: Cycle, outcome: Ou
         "mismatch_details": recorder.mismatch_examples,
         "responses": dict(sorted(recorder.responses.items())),
         "interruptions_made": recorder.interruptions,
+        "interruptions_missed": recorder.interruptions_missed,
+        "questions_over_late_replies": recorder.talked_over,
         "interrupted_at_ms": summary(recorder.interrupted_at_ms.values),
         "turns": turns.as_dict(),
         "stale_frames": recorder.stale_frames,

@@ -76,6 +76,8 @@ def _interruptions(result: dict[str, Any]) -> str:
     if made is None:
         return "-"
     text = str(made)
+    if result.get("interruptions_missed"):
+        text += f" (and {result['interruptions_missed']} that found no reply going)"
     at = result.get("interrupted_at_ms")
     points = result.get("distributions", {}).get("interrupted_at_ms")
     if at and at.get("count") and points:
@@ -83,6 +85,9 @@ def _interruptions(result: dict[str, Any]) -> str:
                  f"p50 {_number(at['p50'])} / max {_number(at['max'])} ms")
     if result.get("stale_frames"):
         text += f"; frames after their reply ended {result['stale_frames']} (not counted)"
+    if result.get("questions_over_late_replies"):
+        text += (f"; questions begun while a late reply still played "
+                 f"{result['questions_over_late_replies']}")
     return text
 
 

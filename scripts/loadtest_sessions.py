@@ -33,10 +33,12 @@ of the reply to the turn that utterance ended.
 Turns (``Recorder.turns``): each utterance the session finishes is a turn asked. The
 server takes turns (``conversation.item.input_audio_transcription.completed``, whose
 words say which utterances it holds: two when the person went on before the server
-ended the first) and begins a reply (``response.created``) for each. An utterance
-speaks over the character (``Recorder.interruptions``) when it starts while a reply
-is going: between its ``response.created`` and ``response.done``, or while audio
-received is still playing.
+ended the first) and begins a reply (``response.created``) for each. A reply is
+going between its ``response.created`` and ``response.done``, and while audio
+received is still playing; an interruption of the cycle that starts while one is
+going is an interruption made (``Recorder.interruptions``), one that finds none
+(its reply not begun yet, or over) is missed; a question that starts while one is
+going (a reply so late that it runs into the next question) is ``talked_over``.
 """
 
 from __future__ import annotations
@@ -295,8 +297,8 @@ class Session:
                 if stop.is_set() or self.closed:
                     return
                 index = sent % len(cycle.appends)
-                if index in starts:
-                    self._speaking(time.monotonic())
+                if (starting := starts.get(index)) is not None:
+                    self._speaking(time.monotonic(), starting.offset is not None)
                 try:
                     await self.ws.send_str(cycle.appends[index])
                 except (ConnectionError, aiohttp.ClientError):
@@ -307,15 +309,18 @@ class Session:
         finally:
             recorder.streaming -= 1
 
-    def _speaking(self, now: float) -> None:
+    def _speaking(self, now: float, interruption: bool) -> None:
         """An utterance starts: over the character, if a reply is going."""
-        reply = self._reply
-        if reply is None or not reply.going(now):
-            return
-        recorder = self.run.recorder
-        recorder.interruptions += 1
-        if reply.first is not None:
-            recorder.interrupted_at_ms.add(self.run.now(), (now - reply.first) * 1000)
+        reply, recorder = self._reply, self.run.recorder
+        going = reply is not None and reply.going(now)
+        if not interruption:
+            recorder.talked_over += going
+        elif not going:
+            recorder.interruptions_missed += 1
+        else:
+            recorder.interruptions += 1
+            if reply is not None and reply.first is not None:
+                recorder.interrupted_at_ms.add(self.run.now(), (now - reply.first) * 1000)
 
     # ── the reader ───────────────────────────────────────────────────────────
 

@@ -138,7 +138,11 @@ class Recorder:
     responses: collections.Counter[str] = field(default_factory=collections.Counter)
     """``response.done`` by status: completed, cancelled (a barge-in), failed."""
     interruptions: int = 0
-    """Utterances this run started while the character's reply was still going."""
+    """Interruptions of the cycle that started while the character's reply was going."""
+    interruptions_missed: int = 0
+    """Interruptions of the cycle that found no reply going (not begun yet, or over)."""
+    talked_over: int = 0
+    """Questions that started while a reply was still going (it came late)."""
     interrupted_at_ms: Series = field(default_factory=Series)
     """How much of the reply's audio had arrived when each interruption started."""
     turns: Turns = field(default_factory=Turns)

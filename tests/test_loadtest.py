@@ -316,6 +316,7 @@ def a_result() -> dict[str, Any]:
                     "interruption_offsets_s": [1.2, 0.5], "compression": "permessage-deflate",
                     "sessions_with_compression": 4, "sessions_refused_compression": 0},
         "interruptions_made": 5, "interrupted_at_ms": summary([400.0, 1100.0]),
+        "interruptions_missed": 1, "questions_over_late_replies": 2,
         "turns": {"asked": 12, "answered": 11, "merged": 1, "superseded": 0,
                   "in_flight_at_end": 1, "unanswered": 0, "unprompted_replies": 0},
         "stale_frames": 0,
@@ -346,7 +347,9 @@ def test_the_report_shows_every_budget(tmp_path: Path) -> None:
     assert "rate_limited 2" in lines["errors by code"]
     assert "cancelled 5, completed 6" in lines["replies (response.done)"]
     assert lines["interruptions made"].endswith(
-        "  5; reply audio received when they began: min 400.0 / p50 750.0 / max 1100 ms")
+        "  5 (and 1 that found no reply going); reply audio received when they began: "
+        "min 400.0 / p50 750.0 / max 1100 ms; questions begun while a late reply still "
+        "played 2")
     assert "interrupt 2 replies a cycle (1.2 / 0.5 s" in lines["clients"]
     assert "permessage-deflate (negotiated by 4, refused to 0)" in lines["clients"]
     assert "asked 12, answered 11 (merged with the next 1)" in lines["turns"]
@@ -442,7 +445,7 @@ async def test_a_reply_cut_short_just_stops() -> None:
         session._dispatch(event(TRANSCRIBED, transcript="one two three"), t + 0.5)
         session._dispatch(event("response.created", response={"id": "r1"}), t + 0.5)
         on_time(session, "r1", t + 0.6, 12)  # 0.96 s of audio, of which 0.46 s played
-        session._speaking(t + 1.0)  # the person speaks over it
+        session._speaking(t + 1.0, interruption=True)  # the person speaks over it
         assert recorder.interruptions == 1
         assert recorder.interrupted_at_ms.values == [pytest.approx(400.0)]
         session._dispatch(event("response.done", response={"id": "r1", "status": "cancelled"}),
@@ -455,9 +458,10 @@ async def test_a_reply_cut_short_just_stops() -> None:
         on_time(session, "r2", t + 2.7, 20)
         session._dispatch(event("response.done", response={"id": "r2", "status": "completed"}),
                           t + 4.0)
-        session._speaking(t + 4.2)  # its last 0.1 s still plays: over the character
-        session._speaking(t + 2.7 + 1.6 + 0.1)  # after it played: not an interruption
-        assert recorder.interruptions == 2
+        session._speaking(t + 4.2, interruption=False)  # a question over its last 0.1 s
+        session._speaking(t + 2.7 + 1.6 + 0.1, interruption=True)  # after it: nothing to cut
+        assert (recorder.interruptions, recorder.talked_over,
+                recorder.interruptions_missed) == (1, 1, 1)
         # No frame counts as late: neither those of the reply cut short, nor the
         # stale ones, nor the next reply's, whose clock starts at its own first frame.
         assert recorder.frame_lateness_ms.values == [0.0] * (11 + 19)
