@@ -43,6 +43,7 @@ import logging
 import socket
 import struct
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -104,7 +105,7 @@ class Session:
         self.config = config
         self.settings = SessionSettings.initial(self.id, dialect, model)
         self.characters = CharacterSet(pool, config, f"session {self.id}",
-                                       on_sandbox_death=self._sandbox_died)
+                                       on_sandbox_death=_weakly(self._sandbox_died))
         self._notices: set[asyncio.Task[None]] = set()
         self.system_prompt: str | None = None
         self.llm = llm
@@ -127,6 +128,7 @@ class Session:
         self._writer: asyncio.Task[None] | None = None
         self._sending_since: float | None = None
         self._closer: asyncio.Task[None] | None = None
+        self._closing = False
         self._refused = SlidingWindow(MAX_INVALID_EVENTS, INVALID_WINDOW)
         self._reloads: collections.deque[float] = collections.deque()
 
@@ -136,7 +138,7 @@ class Session:
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or the session closes it."""
-        self._writer = asyncio.create_task(self._write(), name=f"{self.id}-writer")
+        writer = self._writer = asyncio.create_task(self._write(), name=f"{self.id}-writer")
         worker = asyncio.create_task(self._work(), name=f"{self.id}-worker")
         try:
             if self.dialect is not Dialect.UNMUTE:
@@ -148,20 +150,27 @@ class Session:
             worker.cancel()
             if self._parting is not None:
                 self._parting.cancel()
-            writer = self._writer
             if self._closer is None:  # the client left: what it did not read goes
                 self._outbox.close(drop=True)
-                writer.cancel()
-            else:  # once closed, no close frame waits on the writer's drain
-                self._closer.add_done_callback(lambda _: writer.cancel())
             self._jobs.clear()
-            await asyncio.gather(worker, return_exceptions=True)
-            await self._cancel_reply()
-            await self._stop_listening()
-            # Shielded: a shutdown that cancels us still ends in a close or a reset.
-            await asyncio.gather(asyncio.shield(self._closer or writer),
-                                 return_exceptions=True)
-            await asyncio.gather(writer, return_exceptions=True)
+            try:
+                await asyncio.gather(worker, return_exceptions=True)
+                await self._cancel_reply()
+                await self._stop_listening()
+                self.conversation.clear()  # now, whoever still holds the session
+                if self._closer is not None:
+                    # Shielded: a shutdown that cancels us still ends in a close or reset.
+                    await asyncio.gather(asyncio.shield(self._closer), return_exceptions=True)
+                # The writer ends by itself once its outbox is closed and the connection
+                # over: cancelling it would leave its frame (the session) in a cycle.
+                await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT)
+            finally:
+                if not writer.done():
+                    writer.cancel()  # a connection that outlived its close
+                self._closing = True  # a late end() (the deadline watcher's) does nothing
+                # Nothing the session started keeps it (and all it holds) in a cycle
+                # until the collector comes round: it goes now.
+                self._writer = self._closer = self._parting = None
 
     async def close(self) -> None:
         try:
@@ -227,8 +236,8 @@ class Session:
             elif message.type is WSMsgType.ERROR:
                 log.info("%s: connection error: %s", self.id, self.ws.exception())
                 return
-            if self._closer is not None:
-                return  # closing: what the client sends now is read and discarded
+            if self._closing:
+                return  # what the client sends now is read and discarded
             # Frames already buffered are read without a pause: let the others run.
             await asyncio.sleep(0)
 
@@ -284,6 +293,13 @@ class Session:
             except ConnectionError:
                 self._outbox.close(drop=True)  # the client is gone; the receive loop ends
                 return
+            except asyncio.CancelledError:
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    raise
+                # aiohttp's shared drain future was cancelled under us (a close that
+                # timed out): the connection is over.
+                self._outbox.close(drop=True)
+                return
             finally:
                 self._sending_since = None
 
@@ -291,7 +307,8 @@ class Session:
         """Close the session, from a task of its own (the first call only counts):
         the events queued are sent first when ``flush``, else dropped. ``reason``
         goes in the close frame (at most 123 bytes), ``why`` only to the log."""
-        if self._closer is None:
+        if not self._closing:
+            self._closing = True
             log.info("%s: closing with %d, %s: %s", self.id, code, reason, why)
             self._closer = asyncio.create_task(self._close(code, reason, flush),
                                                name=f"{self.id}-closer")
@@ -713,6 +730,17 @@ def _reloaded(loaded: Loaded) -> protocol.CharactersReloaded:
         errors=[protocol.LoadError(e.file, e.error_type, e.message) for e in loaded.errors],
         duration_ms=loaded.duration_ms,
     )
+
+
+def _weakly(method: Callable[[str], None]) -> Callable[[str], None]:
+    """``method``, without keeping its object alive (a cycle only the collector
+    would break, holding the session's connection meanwhile)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(reason: str) -> None:
+        if (bound := ref()) is not None:
+            bound(reason)
+    return call
 
 
 @dataclass(frozen=True)
