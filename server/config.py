@@ -136,6 +136,9 @@ _SANDBOX_OPTIONS: list[tuple[str, str, Any, str]] = [
      "seconds for one character file to import"),
     ("--call-timeout", "TROUPE_CALL_TIMEOUT", float,
      "seconds for a system prompt, tool call or list"),
+    ("--warm-directories", "TROUPE_WARM_DIRECTORIES", int,
+     "directories kept loaded in a spare sandbox once loaded twice, so that their next "
+     "load is a handover (0: none)"),
 ]
 _LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--sandbox-memory-mb", "TROUPE_SANDBOX_MEMORY_MB", int,

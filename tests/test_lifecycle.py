@@ -60,8 +60,15 @@ async def test_open_close_loop_leaves_nothing(
     await warm.names()
     await warm.ws.close()
     assert await eventually(lambda: not server.app[SESSIONS])
-    zygote = server.app[POOL].zygote_pid
+    pool = server.app[POOL]
+    zygote = pool.zygote_pid
     baseline_children, baseline_fds = zygote_children(zygote), open_fds()
+    baseline_warm = len(pool.warm_directories)
+
+    def kept_warm() -> int:
+        """Sandboxes the pool keeps loaded on purpose since the baseline (a channel
+        and a pidfd each)."""
+        return len(pool.warm_directories) - baseline_warm
 
     for round_ in range(30):
         session = await connect()
@@ -72,8 +79,9 @@ async def test_open_close_loop_leaves_nothing(
 
     sessions = server.app[SESSIONS]
     assert await eventually(lambda: not sessions)
-    assert await eventually(lambda: len(zygote_children(zygote)) <= len(baseline_children))
-    assert await eventually(lambda: open_fds() <= baseline_fds)
+    assert await eventually(
+        lambda: len(zygote_children(zygote)) <= len(baseline_children) + kept_warm())
+    assert await eventually(lambda: open_fds() <= baseline_fds + 2 * kept_warm())
     assert await metric_session_series(server) == []
 
 

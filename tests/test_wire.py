@@ -25,7 +25,7 @@ REPLIES = [
                 errors=[wire.FileError("b.py", "SyntaxError", "line 1")], output="hi"),
     wire.Listed(id=2, characters=[INFO]),
     wire.Prompt(id=3, text="You are Ada."),
-    wire.Tools(id=4, tools=[{"type": "function", "function": {"name": "count"}}]),
+    wire.Tools(id=4, tools='[{"type": "function", "function": {"name": "count"}}]'),
     wire.ToolResult(id=5, result="2"),
     wire.Pong(id=6, pid=123),
     wire.Failed(id=7, error_type="KeyError", message="m", traceback="tb"),
@@ -75,3 +75,32 @@ def test_blocking_helpers_over_a_pipe() -> None:
         assert wire.read_frame(read_fd) is None
     finally:
         os.close(read_fd)
+
+
+def _loaded_with(voice_source: object, tool_names: object = ()) -> bytes:
+    info = {"name": "X", "file": "x.py", "voice_source": voice_source,
+            "good": True, "comment": None, "tool_names": list(tool_names)}
+    return msgspec.msgpack.encode({"kind": "Loaded", "id": 1, "directory": "/d",
+                                   "total_files": 1, "characters": [info], "errors": []})
+
+
+@pytest.mark.parametrize("voice_source, tool_names", [
+    ({"source_type": "file", "pad": [{}] * 1000}, ()),  # a list of maps: amplification
+    ({"source_type": "file", "deep": {"a": {"b": "c"}}}, ()),  # nested beyond one level
+    ({f"k{i}": i for i in range(33)}, ()),  # too many keys
+    ({"source_type": "file"}, [f"t{i}" for i in range(129)]),  # too many tool names
+])
+def test_a_reply_is_bounded_by_its_type_not_only_its_size(
+    voice_source: object, tool_names: object
+) -> None:
+    """A child's reply cannot make the host build more objects than its types allow."""
+    with pytest.raises(msgspec.ValidationError):
+        wire.decode_reply(_loaded_with(voice_source, tool_names))
+
+
+def test_a_freesound_voice_source_fits_the_bounds() -> None:
+    source = {"source_type": "freesound", "url": "https://freesound.org/s/1/",
+              "sound_instance": {"id": 1, "username": "someone", "license": "CC0"}}
+    reply = wire.decode_reply(_loaded_with(source, ["tool"]))
+    assert isinstance(reply, wire.Loaded)
+    assert reply.characters[0].voice_source == source
