@@ -187,13 +187,20 @@ class KyutaiTTS:
     query string when set, as Unmute sends them. moshi-server's batched TTS (the
     ``Py`` module Unmute deploys) reads only ``voice``, ``format`` and ``auth_id``
     and ignores the rest; its single-stream ``Tts`` module reads them all.
+
+    ``timeout`` bounds connecting, the wait for ``Ready``, and, once all the text was
+    sent (``Eos``), every silence until the server has spoken it. Before that the
+    server may rightly say nothing (it waits for words ahead, and the language model
+    may be slow to write them): ``heartbeat`` pings it that often instead, so a dead
+    connection or a hung server shows within 1.5 × ``heartbeat``. Both are read at
+    each reply, so a running server's can be changed.
     """
 
     def __init__(
         self, url: str, api_key: str = "public_token", cfg_alpha: float | None = 1.5,
         *, seed: int | None = None, temperature: float | None = None,
         top_k: int | None = None, max_seq_len: int | None = None,
-        timeout: float = 30.0, close_timeout: float = 1.0,
+        timeout: float = 30.0, close_timeout: float = 1.0, heartbeat: float = 10.0,
     ) -> None:
         self.url = url if url.rstrip("/").endswith(STREAMING_PATH) \
             else url.rstrip("/") + STREAMING_PATH
@@ -204,6 +211,7 @@ class KyutaiTTS:
         }
         self.timeout = timeout
         self.close_timeout = close_timeout
+        self.heartbeat = heartbeat
         self._http: aiohttp.ClientSession | None = None
 
     @property
@@ -248,7 +256,7 @@ class KyutaiTTS:
         reply: _Reply | None = None
         try:
             await self._wait_ready(ws)
-            reply = _Reply(ws, self.name, self.timeout)
+            reply = _Reply(ws, self.name, self.timeout, self.heartbeat)
             reply.start(text_chunks)
             while (item := await reply.next()) is not None:
                 yield item
@@ -264,7 +272,7 @@ class KyutaiTTS:
             async with asyncio.timeout(self.timeout):
                 return await self._http.ws_connect(
                     self.url, params=self.query(voice),
-                    headers={API_KEY_HEADER: self.api_key},
+                    headers={API_KEY_HEADER: self.api_key}, heartbeat=self.heartbeat,
                     timeout=aiohttp.ClientWSTimeout(ws_close=self.close_timeout),
                 )
         except aiohttp.WSServerHandshakeError as exc:
@@ -333,17 +341,22 @@ def _decode_or_fail(frame: bytes, where: str) -> ServerMessage:
 class _Reply:
     """One reply on a ready socket: a writer task sends the words, a reader task
     decodes the answers, and both report to one queue. ``None`` in the queue: the
-    server closed after ``Eos``, everything was spoken."""
+    server closed after ``Eos``, everything was spoken. Once ``Eos`` is out, the
+    writer watches the reader: ``timeout`` seconds without a message is a stall."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, name: str, timeout: float) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, name: str, timeout: float,
+                 heartbeat: float) -> None:
         self._ws = ws
         self._name = name
         self._timeout = timeout
+        self._heartbeat = heartbeat
         self._queue: asyncio.Queue[TtsEvent | BaseException | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._eos_sent = False
         self._words_sent = 0
         self._words_spoken = 0
+        self._heard = asyncio.Event()
+        """Set by the reader at each message."""
 
     def start(self, text_chunks: AsyncIterator[str]) -> None:
         self._tasks = [asyncio.create_task(self._write(text_chunks)),
@@ -374,7 +387,22 @@ class _Reply:
             self._queue.put_nowait(exc)
             return
         self._eos_sent = True
-        await self._send(Eos())
+        if await self._send(Eos()):
+            await self._watch_the_end()
+
+    async def _watch_the_end(self) -> None:
+        """The server has all the text: from now on it must never be silent for
+        ``timeout`` (the reader, done, cancels us through ``stop``)."""
+        while True:
+            self._heard.clear()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._heard.wait()
+            except TimeoutError:
+                self._queue.put_nowait(BackendUnavailable(
+                    f"{self._name} sent nothing for {self._timeout:g} s mid-reply, with "
+                    f"all the text sent; check that it is running and not overloaded"))
+                return
 
     async def _send(self, message: ClientMessage) -> bool:
         try:
@@ -396,14 +424,11 @@ class _Reply:
             self._queue.put_nowait(None)
 
     async def _receive(self) -> TtsEvent | None:
-        """The next event; ``None`` at the clean end."""
+        """The next event; ``None`` at the clean end. Unbounded: before ``Eos`` the
+        heartbeat watches the connection, after it the writer watches the silence."""
         while True:
-            try:
-                message = await self._ws.receive(timeout=self._timeout)
-            except TimeoutError as exc:
-                raise BackendUnavailable(
-                    f"{self._name} sent nothing for {self._timeout:g} s mid-reply; check "
-                    f"that it is running and not overloaded") from exc
+            message = await self._ws.receive()
+            self._heard.set()
             match message.type:
                 case aiohttp.WSMsgType.BINARY:
                     pass
@@ -417,6 +442,11 @@ class _Reply:
                     raise BackendUnavailable(
                         f"{self._name} sent a text frame ({message.data[:80]!r}); is it "
                         f"a moshi-server TTS?")
+                case aiohttp.WSMsgType.ERROR if isinstance(message.data,
+                                                           aiohttp.ServerTimeoutError):
+                    raise BackendUnavailable(
+                        f"{self._name} did not answer a ping within {self._heartbeat:g} s "
+                        f"mid-reply; check that it is running and not overloaded")
                 case _:  # CLOSED: the connection ended without a close frame; ERROR
                     raise BackendUnavailable(
                         f"the connection to {self._name} broke off mid-reply "

@@ -185,6 +185,27 @@ async def test_silent_server_times_out(fake_kyutai_tts: FakeKyutaiTTS) -> None:
     await asyncio.wait_for(connection.closed_by_client.wait(), 5 * SCALE)
 
 
+async def test_a_slow_text_source_is_not_a_silent_server(
+    fake_kyutai_tts: FakeKyutaiTTS
+) -> None:
+    """The server has nothing to say while the model has not written the next words
+    (the fault suite found a model slow to answer blamed on the TTS): only its
+    silence after the end of the text counts."""
+    client = KyutaiTTS(fake_kyutai_tts.url, timeout=0.3 * SCALE)
+    await client.start()
+
+    async def slow() -> AsyncIterator[str]:
+        yield "Well "
+        await asyncio.sleep(1.0 * SCALE)  # over three timeouts of nothing to say
+        yield "then."
+
+    try:
+        events = await speak_all(client, slow())
+    finally:
+        await client.close()
+    assert spoken(events) == ["Well", "then."]
+
+
 async def test_unreachable_server() -> None:
     client = KyutaiTTS(f"ws://127.0.0.1:{free_port()}", timeout=5 * SCALE)
     await client.start()
