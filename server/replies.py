@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import re
 import time
@@ -98,25 +99,29 @@ async def run_reply(
         messages = conversation.messages_for(system_prompt)
         first_new = len(messages)
         try:
-            async for delta in respond(llm, messages, tools, call_tool, temperature):
-                if not text:
-                    metrics.LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
-                text += delta
-                if speech is not None:
-                    speech.check()  # a TTS that failed ends the reply now, not at its end
-                    speech.say(delta)
-                if unmute:
-                    await send(protocol.TextDeltaReady(delta=delta))
-                    for word in words.feed(delta):
-                        await send(protocol.TextDelta(response_id=response_id,
-                                                      item_id=item_id, delta=word))
-                else:
-                    await send(
-                        protocol.AudioTranscriptDelta(response_id=response_id,
-                                                      item_id=item_id, delta=delta)
-                        if transcript
-                        else protocol.TextDelta(response_id=response_id, item_id=item_id,
-                                                delta=delta))
+            # Closed here, not whenever it is collected: a TTS that failed mid-reply
+            # ends the model's stream at once.
+            async with contextlib.aclosing(
+                    respond(llm, messages, tools, call_tool, temperature)) as deltas:
+                async for delta in deltas:
+                    if not text:
+                        metrics.LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
+                    text += delta
+                    if speech is not None:
+                        speech.check()  # a TTS that failed ends the reply now, not at its end
+                        speech.say(delta)
+                    if unmute:
+                        await send(protocol.TextDeltaReady(delta=delta))
+                        for word in words.feed(delta):
+                            await send(protocol.TextDelta(response_id=response_id,
+                                                          item_id=item_id, delta=word))
+                    else:
+                        await send(
+                            protocol.AudioTranscriptDelta(response_id=response_id,
+                                                          item_id=item_id, delta=delta)
+                            if transcript
+                            else protocol.TextDelta(response_id=response_id, item_id=item_id,
+                                                    delta=delta))
         finally:
             conversation.record(messages[first_new:])
         for word in words.flush():

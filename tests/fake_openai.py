@@ -124,6 +124,8 @@ class FakeOpenAI:
     close_connections: bool = False
     """Close each connection after its answer (``Connection: close``), so that every
     request comes on a new one: a fault proxy in front then sees one per request."""
+    pause: float = 0.0
+    """Seconds between two chunks of an answer: a model that writes slowly."""
 
     def __post_init__(self) -> None:
         self.base_url = ""
@@ -174,7 +176,9 @@ class FakeOpenAI:
         chunks = _Chunks(f"chatcmpl-fake{next(self._ids)}", str(body.get("model")))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for chunk in self._chunks(reply, chunks):
+        for n, chunk in enumerate(self._chunks(reply, chunks)):
+            if n and self.pause:
+                await asyncio.sleep(self.pause)
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         match reply:
             case Drop(abrupt=True):

@@ -35,6 +35,7 @@ from fake_kyutai import FakeKyutaiTTS
 from fake_kyutai_stt import FakeKyutaiSTT
 from fake_openai import FakeOpenAI, Reply, call, stall, text, tool_calls
 from fault_checks import (
+    FRAME,
     Watched,
     codes,
     cpu_ticks,
@@ -145,8 +146,9 @@ def tune(server: TestClient[Any, Any]) -> None:
     for backend in (speech.stt, speech.tts):
         if backend is not None:
             backend.timeout = BACKEND_TIMEOUT
-    if speech.stt is not None:  # a pong must come within half of it
-        speech.stt.heartbeat = 2 * BACKEND_TIMEOUT
+    for backend in (speech.stt, speech.tts):  # a pong must come within half of it
+        if backend is not None:
+            backend.heartbeat = 2 * BACKEND_TIMEOUT
 
 
 def steady(config: Config, **changes: Any) -> Any:
@@ -204,10 +206,12 @@ def attempts(rig: Rig, backend: str) -> int:
     pytest.param("llm", Stall(LLM_MIDWAY), 1, "backend_unavailable", id="llm-stall"),
     pytest.param("llm", Cut(LLM_MIDWAY), 1, "backend_unavailable", id="llm-cut"),
     pytest.param("llm", Reset(LLM_MIDWAY), 1, "backend_unavailable", id="llm-reset"),
+    pytest.param("llm", Stall(), 1, None, id="llm-silent-before-answering-is-retried"),
     pytest.param("llm", Refuse(), 1, None, id="llm-refused-once-is-retried"),
     pytest.param("llm", Refuse(), -1, "backend_unavailable", id="llm-refused"),
     pytest.param("tts", Latency(0.05), 1, None, id="tts-latency"),
     pytest.param("tts", Stall(TTS_MIDWAY), 1, "backend_unavailable", id="tts-stall"),
+    pytest.param("tts", Stall(), 1, "backend_unavailable", id="tts-silent-at-connect"),
     pytest.param("tts", Cut(TTS_MIDWAY), 1, "backend_unavailable", id="tts-cut"),
     pytest.param("tts", Reset(TTS_MIDWAY), 1, "backend_unavailable", id="tts-reset"),
     pytest.param("tts", Refuse(), 1, None, id="tts-refused-once-is-retried"),
@@ -276,6 +280,60 @@ async def test_an_idle_pooled_model_connection_reset_is_retried(
     finally:
         await proxy.close()
         await llm.close()
+
+
+async def test_the_tts_fails_while_the_model_still_writes(rig: Rig) -> None:
+    """The model's words come slowly; the TTS connection is reset after its first
+    words: the reply ends at once with the TTS's error, and the model's stream is
+    closed with it."""
+    a, b = await rig.connect(), await rig.connect()
+    rig.fakes[0].pause = 0.1  # over a second to write the reply
+    rig.proxies["tts"].arm(Reset(10_000))
+
+    hit = await a.turn("Tell me something.")
+    bystander = await b.turn("Hello.")
+    after = await a.turn("Again?")
+
+    assert codes(hit) == ["backend_unavailable"] and status(hit) == "failed", kinds(hit)
+    assert "TTS" in a.errors()[0]["error"]["message"]
+    said = [e for e in hit if e["type"] == "response.output_audio_transcript.delta"]
+    assert 0 < len(said) < len(WORDS)  # cut while the model wrote
+    assert status(bystander) == "completed" and status(after) == "completed"
+    await rig.assert_nothing_left()
+
+
+async def test_push_to_talk_commit_while_the_stt_stalls(rig: Rig) -> None:
+    """Push-to-talk: the STT goes silent after hearing A, before the commit. The
+    commit's flush is bounded: A is told once, and its next utterance goes to a new
+    stream."""
+    a = await rig.connect()
+    mark = len(a.events)
+    await a.send({"type": "session.update", "session": {
+        "type": "realtime", "audio": {"input": {"turn_detection": None}}}})
+    await a.wait_for("session.updated", mark)
+    proxy, fake = rig.proxies["stt"], rig.fakes[2]
+
+    async def utterance() -> int:
+        """1.6 s of audio (the fake's words end at 0.9 s), all of it at the STT."""
+        start, streams = len(a.events), len(fake.connections)
+        for _ in range(20):
+            await a.send({"type": "input_audio_buffer.append", "audio": FRAME})
+        assert await eventually(lambda: len(fake.connections) > streams and sum(
+            fake.connections[-1].audio_messages) >= 20 * 1920)
+        return start
+
+    start = await utterance()
+    proxy.hurt(proxy.links[-1], Stall())
+    await a.send({"type": "input_audio_buffer.commit"})
+    told = await a.wait_for("error", start, within=30)
+    start = await utterance()
+    await a.send({"type": "input_audio_buffer.commit"})
+    heard = await a.wait_for("conversation.item.input_audio_transcription.completed", start)
+
+    assert "flush" in a.events[told]["error"]["message"]
+    assert a.events[heard]["transcript"] == "Hello there"
+    assert codes(a.events) == ["backend_unavailable"]
+    await rig.assert_nothing_left()
 
 
 # ── the speech-to-text, hurt while the character answers ─────────────────────
