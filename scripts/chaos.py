@@ -62,6 +62,7 @@ from fault_checks import (  # noqa: E402
 from fault_proxy import Cut, Fault, FaultProxy, Latency, Refuse, Reset, Stall  # noqa: E402
 
 from sandbox import ChildLimits, SandboxConfig  # noqa: E402
+from server import embedded_llm  # noqa: E402
 from server.app import LLM_BACKEND, POOL, SESSIONS, SPEECH, create_app  # noqa: E402
 from server.config import Config  # noqa: E402
 
@@ -187,8 +188,9 @@ class Stage:
         for backend in (speech.stt, speech.tts):
             if backend is not None and hasattr(backend, "timeout"):
                 backend.timeout = BACKEND_TIMEOUT
-        if speech.stt is not None and hasattr(speech.stt, "heartbeat"):
-            speech.stt.heartbeat = 2 * BACKEND_TIMEOUT
+        for backend in (speech.stt, speech.tts):
+            if backend is not None and hasattr(backend, "heartbeat"):
+                backend.heartbeat = 2 * BACKEND_TIMEOUT
 
     async def stop_server(self) -> None:
         if self.runner is not None:
@@ -577,8 +579,10 @@ async def embedded_phase(root: Path, args: argparse.Namespace, rows: list[Row]) 
                 await listening
 
         async def inject(players: list[Player], playing: asyncio.Event) -> int:
-            kills = 0
-            for round_number in range(2):
+            """Round 1: the model's worker and the speech-to-text workers killed; round
+            2: the model's worker stopped (it hangs until its stall timeout)."""
+            faults = 0
+            for signum in (signal.SIGKILL, signal.SIGSTOP):
                 # Mid-reply: once some session is receiving text.
                 seen = sum(len(p.session.events) for p in players)
 
@@ -589,23 +593,29 @@ async def embedded_phase(root: Path, args: argparse.Namespace, rows: list[Row]) 
 
                 if not await eventually(writing, 60) or playing.is_set():
                     break
-                if (pid := getattr(llm, "pid", None)) is not None:
+                model: int | None = getattr(llm, "pid", None)
+                if model is not None:
+                    if signum is signal.SIGSTOP:  # short only while it writes
+                        llm.stall_timeout = 3.0  # type: ignore[attr-defined]
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    kills += 1
-                if round_number == 0 and stt is not None:
-                    for pid in list(getattr(stt, "pids", [])):
+                        os.kill(model, signum)
+                    faults += 1
+                if signum is signal.SIGKILL and stt is not None:
+                    for worker in list(getattr(stt, "pids", [])):
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                    kills += 1
-                await asyncio.sleep(3.0)
-            return kills
+                            os.kill(worker, signal.SIGKILL)
+                    faults += 1
+                await eventually(lambda: model is None or not pid_alive(model), 30)
+                llm.stall_timeout = embedded_llm.STALL_TIMEOUT  # type: ignore[attr-defined]
+                await asyncio.sleep(1.0)
+            return faults
 
         sessions = args.sessions
         args.sessions = min(3, sessions)
         try:
-            if wanted(args, "embedded-worker-kill"):
-                rows.append(await run_phase(stage, "embedded-worker-kill", args, play, inject))
+            if wanted(args, "embedded-worker-kill-hang"):
+                rows.append(await run_phase(stage, "embedded-worker-kill-hang", args, play,
+                                            inject))
                 print(format_row(rows[-1]), flush=True)
         finally:
             args.sessions = sessions
@@ -622,7 +632,8 @@ async def sigterm_phase(stage: Stage, args: argparse.Namespace, rows: list[Row])
     row = Row("server-sigterm")
     port = _free_port()
     env = {**os.environ, "TROUPE_LLM": stage.llm.base_url, "TROUPE_TTS": stage.tts.url,
-           "TROUPE_STT": "none", "TROUPE_NUDGE_AFTER": "0"}
+           "TROUPE_STT": "none", "TROUPE_NUDGE_AFTER": "0",
+           "TROUPE_DRAIN_TIMEOUT": "1"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server", "--port", str(port), "--allowed-root",
         str(stage.root), "--log-level", "ERROR", cwd=REPO, env=env)

@@ -20,6 +20,7 @@ sessions with 1001. Admin routes take an admin key or the admin token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -52,6 +53,8 @@ POOL = web.AppKey("pool", Pool)
 VOICES = web.AppKey("voices", CharacterSet)
 SESSIONS = web.AppKey("sessions", dict[str, Session])
 SCOPES = web.AppKey("scopes", dict[str, Scope])
+NO_SESSIONS = web.AppKey("no_sessions", asyncio.Event)
+"""Set whenever the last session ends (a drain waits for it)."""
 """What each live session may do (its key, its roots), by session id."""
 FRONT_DOOR = web.AppKey("front_door", FrontDoor)
 LLM_BACKEND = web.AppKey("llm", Backend)
@@ -71,15 +74,18 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[SESSIONS] = {}
     app[SCOPES] = {}
+    app[NO_SESSIONS] = asyncio.Event()
     app.cleanup_ctx.append(_front_door)
     app.cleanup_ctx.append(_sandbox_pool)
     app.cleanup_ctx.append(_language_model)
     app.cleanup_ctx.append(_speech)
     app.on_startup.append(_freeze_startup_objects)
+    app.on_startup.append(_drain_on_sigterm)
     app.on_shutdown.append(_close_sessions)
     app.router.add_get("/v1/realtime", realtime)
     app.router.add_post("/v1/realtime/client_secrets", client_secrets)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/ready", ready)
     app.router.add_get("/v1/voices", voices)
     app.router.add_post("/v1/characters/reload", reload_voices)
     app.router.add_get("/v1/sessions", list_sessions)
@@ -156,6 +162,40 @@ async def _freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
+async def _drain_on_sigterm(app: web.Application) -> None:
+    """SIGTERM drains (DESIGN.md section 10): not ready at once, no new sessions, live
+    ones go on for --drain-timeout or until they end, then the usual shutdown closes
+    what is left with 1001 and exits 0. (aiohttp's runner installed its own SIGTERM
+    handler before start-up; this one replaces it. A second SIGTERM, or SIGINT,
+    shuts down at once.)"""
+    loop = asyncio.get_running_loop()
+    drained: set[asyncio.Task[None]] = set()
+
+    def drain() -> None:
+        door = app[FRONT_DOOR]
+        if door.admission.draining:
+            signal.raise_signal(signal.SIGINT)
+            return
+        door.admission.draining = True
+        log.info("SIGTERM: draining %d sessions for up to %g s (--drain-timeout)",
+                 len(app[SESSIONS]), app[CONFIG].drain_timeout)
+        task = asyncio.create_task(_drain(app))
+        drained.add(task)
+        task.add_done_callback(drained.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+        loop.add_signal_handler(signal.SIGTERM, drain)
+
+
+async def _drain(app: web.Application) -> None:
+    if app[SESSIONS]:  # (no await between the check and the clear: no session ends)
+        app[NO_SESSIONS].clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(app[CONFIG].drain_timeout):
+                await app[NO_SESSIONS].wait()
+    signal.raise_signal(signal.SIGINT)  # aiohttp's graceful exit: on_shutdown, cleanup
+
+
 async def _close_sessions(app: web.Application) -> None:
     sessions = list(app[SESSIONS].values())
     await asyncio.gather(
@@ -207,6 +247,8 @@ async def _serve(request: web.Request, scope: Scope) -> web.WebSocketResponse:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         del sessions[session.id], scopes[session.id]
+        if not sessions:
+            app[NO_SESSIONS].set()
         metrics.SESSIONS_ACTIVE.dec()
         metrics.SESSION_DURATION.observe(session.age)
         log.info("%s: closed after %.1f s", session.id, session.age)
@@ -232,6 +274,23 @@ async def client_secrets(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.FileResponse:
     """The web client (DESIGN.md section 6)."""
     return web.FileResponse(STATIC / "index.html")
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness (DESIGN.md section 6): 503 while draining, at the session limit, or
+    with a configured backend down, so that a balancer sends new sessions elsewhere."""
+    app = request.app
+    admission, limit = app[FRONT_DOOR].admission, app[CONFIG].max_sessions
+    stt, tts = await app[SPEECH].probe()
+    down = [name for name, status in (("stt", stt.status), ("tts", tts.status),
+                                      ("llm", app[LLM_BACKEND].status))
+            if status.startswith("down")]
+    reasons = (["draining"] if admission.draining else []) + (
+        ["full"] if admission.total >= limit else []) + [f"{name}_down" for name in down]
+    body = {"ready": not reasons, "reasons": reasons, "sessions": admission.total,
+            "capacity": limit, "draining": admission.draining}
+    return web.json_response(body, status=503 if reasons else 200,
+                             headers={"Retry-After": "5"} if reasons else None)
 
 
 async def health(request: web.Request) -> web.Response:

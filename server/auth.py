@@ -57,7 +57,7 @@ BUSY_RETRY_AFTER = 5
 
 RefusalCode = Literal[
     "missing_api_key", "invalid_api_key", "client_secret_expired", "origin_not_allowed",
-    "host_not_allowed", "invalid_subprotocol", "rate_limited", "server_full",
+    "host_not_allowed", "invalid_subprotocol", "rate_limited", "server_full", "server_draining",
     "too_many_sessions", "admin_api_off", "admin_key_required", "invalid_value",
 ]
 HOW_TO_SEND = (f"send Authorization: Bearer <key>, or (browsers) the subprotocols "
@@ -269,9 +269,17 @@ class Admission:
     def __init__(self) -> None:
         self.total = 0
         self.per_key: dict[str, int] = {}
+        self.draining = False
+        """Set on SIGTERM: every new session is refused (503), live ones go on."""
 
     def admit(self, key: ApiKey | None, limit: int) -> None:
-        """Take a slot. Raises ``Refused`` (503 at ``limit``, 429 at the key's own)."""
+        """Take a slot. Raises ``Refused`` (503 at ``limit`` or while draining, 429 at
+        the key's own)."""
+        if self.draining:
+            raise Refused(503, "server_draining",
+                          "this server is shutting down and takes no new sessions; "
+                          "connect again (a load balancer sends you to another replica)",
+                          retry_after=BUSY_RETRY_AFTER)
         if self.total >= limit:
             raise Refused(503, "server_full",
                           f"the server is full ({limit} sessions, --max-sessions); retry later",

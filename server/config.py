@@ -67,6 +67,8 @@ class Config:
     """Seconds without a client frame before a session closes; 0: never."""
     max_session: float = 3600.0
     """Seconds a session may last; 0: no limit."""
+    drain_timeout: float = 30.0
+    """Seconds live sessions may go on after SIGTERM before they are closed (1001)."""
     heartbeat: float = 20.0
     """Seconds between WebSocket pings (a peer silent for half that after one is
     dropped); 0: no pings."""
@@ -118,6 +120,10 @@ _DOOR_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-session", "TROUPE_MAX_SESSION", float,
      "seconds a session may last (3600: 60 min, as OpenAI's); then an error "
      "session_expired and a close; 0: no limit"),
+    ("--drain-timeout", "TROUPE_DRAIN_TIMEOUT", float,
+     "seconds live sessions may go on after SIGTERM (the server is not ready and takes "
+     "no new session meanwhile) before they are closed with 1001; match it with the "
+     "orchestrator's grace period"),
     ("--heartbeat", "TROUPE_HEARTBEAT", float,
      "seconds between WebSocket pings; a peer that does not answer within half of it "
      "is dropped; 0: no pings"),

@@ -192,7 +192,9 @@ async def server_process(allowed_root: Path) -> AsyncIterator[Callable[..., Awai
 
     async def start(env: dict[str, str] | None = None) -> str:
         port = free_port()
-        backends = {"TROUPE_LLM": "none", "TROUPE_STT": "none", "TROUPE_TTS": "none"}
+        backends = {"TROUPE_LLM": "none", "TROUPE_STT": "none", "TROUPE_TTS": "none",
+                    # SIGTERM drains live sessions this long (tests that left one open)
+                    "TROUPE_DRAIN_TIMEOUT": "1"}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server", "--port", str(port),
             "--allowed-root", str(allowed_root), "--log-level", "WARNING",
