@@ -117,8 +117,7 @@ async def test_sigterm_with_no_session_exits_at_once_and_reaps_every_child(
     async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/health") as response:
         health = await response.json()
     pid = health["pid"]
-    children = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
-                and _parent(int(entry.name)) == pid]
+    children = _children(pid)
 
     os.kill(pid, signal.SIGTERM)
 
@@ -128,6 +127,11 @@ async def test_sigterm_with_no_session_exits_at_once_and_reaps_every_child(
         await asyncio.sleep(0.05)
     assert not _alive(pid)
     assert not any(_alive(child) for child in children)
+
+
+def _children(parent: int) -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and _parent(int(entry.name)) == parent]
 
 
 def _parent(pid: int) -> int | None:
