@@ -605,7 +605,10 @@ async def embedded_phase(root: Path, args: argparse.Namespace, rows: list[Row]) 
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(worker, signal.SIGKILL)
                     faults += 1
-                await eventually(lambda: model is None or not pid_alive(model), 30)
+                def ended(gone: int | None = model) -> bool:
+                    return gone is None or not pid_alive(gone)
+
+                await eventually(ended, 30)
                 llm.stall_timeout = embedded_llm.STALL_TIMEOUT  # type: ignore[attr-defined]
                 await asyncio.sleep(1.0)
             return faults
@@ -708,14 +711,14 @@ def _free_port() -> int:
 
 # ── the table ────────────────────────────────────────────────────────────────
 
-HEADER = (f"{'fault':<22} {'injected':>8} {'sessions':>8} {'disturbed':>9} "
+HEADER = (f"{'fault':<26} {'injected':>8} {'sessions':>8} {'disturbed':>9} "
           f"{'turns ok/lost':>13}  {'errors by code':<44} {'procs':>5} {'fds':>4} "
           f"{'series':>6}")
 
 
 def format_row(row: Row) -> str:
     errors = ", ".join(f"{code} {n}" for code, n in sorted(row.errors.items())) or "-"
-    line = (f"{row.name:<22} {row.injected:>8} {row.sessions:>8} {row.disturbed:>9} "
+    line = (f"{row.name:<26} {row.injected:>8} {row.sessions:>8} {row.disturbed:>9} "
             f"{f'{row.turns_ok}/{row.turns_lost}':>13}  {errors:<44} {row.procs!s:>5} "
             f"{row.fds!s:>4} {row.series!s:>6}")
     return line + (f"  ({'; '.join(row.notes)})" if row.notes else "")
