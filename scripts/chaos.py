@@ -70,6 +70,9 @@ BACKEND_TIMEOUT = 1.5
 WORDS = [f"word{n} " for n in range(12)]
 TURN_BOUND = 30.0
 """Seconds a turn may take before it counts as lost (a stall costs 1.5 s)."""
+EMBEDDED_TURN_BOUND = 120.0
+"""The same with the embedded model: sessions queue on one worker, and a new worker
+reads each session's prompt afresh (seconds each on a busy 2-core machine)."""
 MIDWAY = {"llm": 1000, "tts": 30_000}
 FAULTS: dict[str, Callable[[int], Fault]] = {
     "latency": lambda midway: Latency(0.1),
@@ -147,6 +150,7 @@ class Stage:
     runner: web.AppRunner | None = None
     app: web.Application | None = None
     url: str = ""
+    turn_bound: float = TURN_BOUND
 
     async def start_fakes(self) -> None:
         self.llm.replies = Answers(self.llm)
@@ -226,8 +230,10 @@ class Row:
 class Player:
     """One session and its turns; the injector may borrow it between turns."""
 
-    def __init__(self, session: Watched) -> None:
+    def __init__(self, session: Watched, bound: float = TURN_BOUND) -> None:
         self.session = session
+        self.bound = bound
+        """Seconds a turn may take before it counts as lost."""
         self.lock = asyncio.Lock()
         self.turns_ok = 0
         self.turns_lost = 0
@@ -241,7 +247,7 @@ class Player:
 
     async def text_turn(self, words: str) -> str | None:
         try:
-            events = await self.session.turn(words, within=TURN_BOUND)
+            events = await self.session.turn(words, within=self.bound)
         except AssertionError:
             self.turns_lost += 1
             return None
@@ -266,7 +272,7 @@ class Player:
                 await session.wait_for("input_audio_buffer.cleared", mark)
                 speaking = asyncio.create_task(speak(session, stop))
                 try:
-                    done = await session.wait_for("response.done", mark, within=TURN_BOUND)
+                    done = await session.wait_for("response.done", mark, within=self.bound)
                 finally:
                     stop.set()
                     await speaking
@@ -281,7 +287,8 @@ class Player:
             self.session.ended.is_set() and not self.expected_close))
 
 
-async def open_players(http: aiohttp.ClientSession, url: str, count: int) -> list[Player]:
+async def open_players(http: aiohttp.ClientSession, url: str, count: int,
+                       bound: float = TURN_BOUND) -> list[Player]:
     players = []
     for _ in range(count):
         ws = await http.ws_connect(f"{url}/v1/realtime?model=chaos", protocols=("realtime",))
@@ -290,7 +297,7 @@ async def open_players(http: aiohttp.ClientSession, url: str, count: int) -> lis
         mark = len(session.events)
         await session.send({"type": "session.characters.list"})
         await session.wait_for("session.characters.listed", mark)
-        players.append(Player(session))
+        players.append(Player(session, bound))
     return players
 
 
@@ -307,7 +314,7 @@ async def run_phase(stage: Stage, name: str, args: argparse.Namespace,
         async with http.get(f"{stage.url}/metrics") as response:
             await response.read()
         baseline = open_fds()
-        players = await open_players(http, stage.url, args.sessions)
+        players = await open_players(http, stage.url, args.sessions, stage.turn_bound)
         if setup is not None:
             await setup(players)
         playing = asyncio.Event()
@@ -557,14 +564,14 @@ async def sandbox_phases(stage: Stage, args: argparse.Namespace, rows: list[Row]
 
 async def embedded_phase(root: Path, args: argparse.Namespace, rows: list[Row]) -> None:
     """The embedded model's worker killed mid-reply, the STT workers mid-stream."""
-    stage = Stage(root)
+    stage = Stage(root, turn_bound=EMBEDDED_TURN_BOUND)
     await stage.start_server(llm="embedded", stt="embedded", tts=None)
     app = stage.app
     assert app is not None
     llm, stt = app[LLM_BACKEND].llm, app[SPEECH].stt
     try:
         async with aiohttp.ClientSession() as http:  # the model's prompt cache warms
-            (warm,) = await open_players(http, stage.url, 1)
+            (warm,) = await open_players(http, stage.url, 1, EMBEDDED_TURN_BOUND)
             await warm.text_turn("Hello.")
             await warm.session.close()
 
