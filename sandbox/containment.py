@@ -33,12 +33,13 @@ _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
 _PR_SET_DUMPABLE = 4
+_PR_CAPBSET_DROP = 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 SHIMS = str(Path(__file__).with_name("shims"))
 
 # What a child may read besides its directory: Python, the libraries it loads, shims.
-_SYSTEM_TREES = ("/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/local/lib",
-                 "/usr/share/zoneinfo")
+_SYSTEM_TREES = ("/usr/lib", "/lib", "/usr/lib64", "/lib64", "/usr/share/zoneinfo")
 _SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/dev/null", "/dev/urandom")
 
 # The names ``Protections.active`` may hold, in the order the README explains them.
@@ -108,6 +109,7 @@ def enter(limits: ChildLimits, channel: int, seccomp_program: bytes | None) -> l
     _scrub_environment(limits.safe_env)
     _close_other_fds({channel})
     _set_rlimits(limits)
+    _drop_capabilities()
     ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     active = ["rlimits"]
     if seccomp_program is not None:
@@ -142,10 +144,39 @@ def make_host_undumpable() -> None:
 
 
 def _python_trees() -> list[str]:
+    """The standard library (without the base interpreter's own site-packages, which
+    the server does not use) and the server's environment's packages."""
     paths = sysconfig.get_paths()
-    trees = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    trees.add(os.path.join(sys.base_prefix, "lib"))
+    trees = {paths["purelib"], paths["platlib"]}
+    for stdlib in {paths["stdlib"], paths["platstdlib"]}:
+        try:
+            entries = os.listdir(stdlib)
+        except OSError:
+            continue
+        trees.update(os.path.join(stdlib, name) for name in entries
+                     if name != "site-packages")
     return sorted(trees)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_capabilities() -> None:
+    """No capability at all, in any namespace (where the user namespace could not be
+    made, the child would otherwise keep root's): bounding set emptied, then the
+    effective, permitted and inheritable sets."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in range(64):
+        libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0)  # EINVAL past the last: fine
+    data = (_CapData * 2)()
+    if libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset: could not drop capabilities")
 
 
 def _redirect_standard_fds() -> None:

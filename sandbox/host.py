@@ -56,9 +56,10 @@ class LoadReport:
     """The outcome of loading one directory."""
 
     def __init__(
-        self, loaded: wire.Loaded, errors: builtins.list[wire.FileError], seconds: float
+        self, directory: str, loaded: wire.Loaded, errors: builtins.list[wire.FileError],
+        seconds: float,
     ) -> None:
-        self.directory = loaded.directory
+        self.directory = directory  # the host's own word for it, not the child's
         self.total_files = loaded.total_files
         self.characters = loaded.characters
         self.errors = sorted(errors, key=lambda error: error.file)
@@ -103,6 +104,8 @@ class Sandbox:
         Raises ``LoadFailed`` (the directory cannot be imported at all, or it holds
         more than ``max_characters`` files) or ``SandboxTimeout`` (past load_timeout).
         """
+        if self._directory is not None:
+            raise RuntimeError("a Sandbox loads one directory; make a new one to reload")
         started = time.perf_counter()
         warm = self._pool.take_warm(directory, max_characters)
         if warm is not None:
@@ -129,7 +132,8 @@ class Sandbox:
             self._directory = directory
             self._max_characters = max_characters
             self._excluded = [error.file for error in errors]
-            self.report = LoadReport(loaded, errors + loaded.errors, time.perf_counter() - started)
+            self.report = LoadReport(directory, loaded, errors + loaded.errors,
+                                     time.perf_counter() - started)
             self._observer.call("load", self.report.seconds)
             return self.report
 
@@ -349,7 +353,7 @@ class Sandbox:
                 child, _, errors = await self._load(
                     self._directory, self._excluded, self._max_characters
                 )
-        except (TimeoutError, LoadFailed) as exc:
+        except (TimeoutError, SandboxError) as exc:
             raise SandboxCrashed(
                 f"{why}, and reloading {self._directory} failed ({exc}); reload a directory"
             ) from None
@@ -366,5 +370,7 @@ class Sandbox:
             self.on_idle_death(reason)
 
     def _report_output(self, text: str) -> None:
+        """Character output, cut to the child's cap here too (a file writing frames
+        itself would bypass the child's own)."""
         if text:
-            self._observer.output(self.label, text)
+            self._observer.output(self.label, text[: self._config.limits.output_bytes])

@@ -29,7 +29,7 @@ from .config import SandboxConfig
 from .containment import ALL_PROTECTIONS, make_host_undumpable
 from .errors import SandboxUnavailable
 from .observer import Observer
-from .process import ChildProcess, Spawner
+from .process import ChildDied, ChildProcess, Spawner, SpawnerGone
 
 if TYPE_CHECKING:
     from .host import Sandbox
@@ -210,8 +210,20 @@ class Pool:
         self._spawner.close()
 
     async def _spawn(self) -> ChildProcess:
+        """A new ready child. Raises ``SandboxUnavailable`` (the zygote is gone, the
+        machine is out of fds or processes, or the child came up with fewer
+        protections than the pool's first one: it is killed)."""
         started = time.perf_counter()
-        child = await ChildProcess.spawn(self._spawner, self.config.limits, _READY_TIMEOUT)
+        try:
+            child = await ChildProcess.spawn(self._spawner, self.config.limits, _READY_TIMEOUT)
+        except (SpawnerGone, ChildDied, OSError, TimeoutError) as exc:
+            raise SandboxUnavailable(f"no sandbox child could start: {exc}") from exc
+        missing = set(self.protections) - set(child.protections)
+        if missing:
+            await child.kill()
+            raise SandboxUnavailable(
+                f"a sandbox child came up without {', '.join(sorted(missing))}; refused")
+        child.abandoned_deadline = self.config.call_timeout
         self._live.add(child)
         self.observer.spawned(time.perf_counter() - started)
         return child

@@ -16,7 +16,6 @@ child's late answer is dropped, never handed to the next caller.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import signal
@@ -60,7 +59,8 @@ class Spawner:
         self._on_death = on_death
         self._process: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
-        self._pending: collections.deque[asyncio.Future[_Started]] = collections.deque()
+        self._pending: dict[int, asyncio.Future[_Started]] = {}
+        self._next_id = 0
         self._exits: dict[int, asyncio.Future[int | None]] = {}
         self._lock = asyncio.Lock()
         self._decoder = msgspec.msgpack.Decoder(zygote.FromZygote)
@@ -70,35 +70,45 @@ class Spawner:
         return self._process.pid if self._process is not None else None
 
     def start(self) -> None:
-        """Start the zygote (blocks ~50 ms while Python starts; once per server)."""
+        """Start the zygote (blocks ~50 ms while Python starts; once per server, and
+        again after it died)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         environment = {name: os.environ[name] for name in self._safe_env if name in os.environ}
-        with theirs:
-            self._process = subprocess.Popen(
-                [sys.executable, "-I", "-c",
-                 _ZYGOTE_BOOT.format(root=_PACKAGE_ROOT, fd=theirs.fileno())],
-                env=environment, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                cwd="/",
-            )
-        ours.setblocking(False)
+        try:
+            with theirs:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-I", "-c",
+                     _ZYGOTE_BOOT.format(root=_PACKAGE_ROOT, fd=theirs.fileno())],
+                    env=environment, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                    cwd="/",
+                )
+            ours.setblocking(False)
+            asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
+        except BaseException:
+            ours.close()
+            raise
         self._control = ours
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
 
     async def spawn(self, limits: ChildLimits) -> ChildProcess:
-        """A new child (not yet known to be ready)."""
+        """A new child (not yet known to be ready). Raises ``SpawnerGone`` (the zygote
+        died or refused) or ``OSError`` (out of fds or processes)."""
         async with self._lock:
             if self._control is None:
                 self.start()
             control = self._control
-            assert control is not None  # start() set it
+            if control is None:
+                raise SpawnerGone("the zygote did not start")
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._next_id += 1
+            request_id = self._next_id
             answer: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
-            self._pending.append(answer)
+            self._pending[request_id] = answer
             with theirs:
                 try:
-                    zygote.send(control, zygote.Spawn(limits=limits), theirs.fileno())
+                    zygote.send(control, zygote.Spawn(id=request_id, limits=limits),
+                                theirs.fileno())
                 except OSError as exc:
-                    self._pending.remove(answer)
+                    del self._pending[request_id]
                     ours.close()
                     self._gone(f"the zygote's socket broke: {exc}")
                     raise SpawnerGone(str(exc)) from None
@@ -106,20 +116,24 @@ class Spawner:
             pid, pidfd, exited = await answer  # cancelled: _on_readable kills the child
         except BaseException:
             ours.close()
+            if answer.done() and not answer.cancelled() and answer.exception() is None:
+                _kill_pidfd(answer.result()[1])  # answered, then the caller went away
+                os.close(answer.result()[1])
             raise
         ours.setblocking(False)
         return ChildProcess(pid, pidfd, ours, exited)
 
     def close(self) -> None:
-        """Stop the zygote: it kills the children it still has, and exits."""
-        self._gone("the sandbox pool closed")
-        if self._process is not None:
+        """Stop the zygote: closing its socket makes it kill the children it still has
+        and exit; killed only if it does not within 5 s."""
+        process = self._process
+        self._gone("the sandbox pool closed", reap=False)
+        if process is not None:
             try:
-                self._process.wait(5)
+                process.wait(5)
             except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
+                process.kill()
+                process.wait()
 
     def _on_readable(self) -> None:
         control = self._control
@@ -127,7 +141,7 @@ class Spawner:
             return
         while True:
             try:
-                data, ancillary, _, _ = control.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+                data, ancillary, flags, _ = control.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -140,50 +154,64 @@ class Spawner:
             try:
                 message = self._decoder.decode(data)
             except msgspec.DecodeError:
-                message = zygote.SpawnFailed(message="the zygote sent an undecodable message")
-            match message:
-                case zygote.Spawned(pid=pid) if fd is not None and self._pending:
-                    future = self._pending.popleft()
-                    if future.done():  # the caller went away: nobody will use it
+                message = None
+            if message is None or flags & socket.MSG_CTRUNC:
+                # Out of fds (the pidfd was dropped) or a broken zygote: its children
+                # can no longer be told apart safely. Start afresh.
+                if fd is not None:
+                    os.close(fd)
+                self._gone("the zygote's message was cut or undecodable")
+                return
+            self._dispatch(message, fd)
+
+    def _dispatch(self, message: zygote.FromZygote, fd: int | None) -> None:
+        match message:
+            case zygote.Spawned(id=request_id, pid=pid):
+                future = self._pending.pop(request_id, None)
+                if fd is None or future is None or future.done():
+                    if fd is not None:  # the caller went away: nobody will use it
                         _kill_pidfd(fd)
                         os.close(fd)
-                    else:
-                        # Resolved with the child's exit code (minus the signal) once it
-                        # is reaped, or None if the zygote dies before telling.
-                        exited = self._exits[pid] = asyncio.get_running_loop().create_future()
-                        future.set_result((pid, fd, exited))
-                case zygote.SpawnFailed(message=text) if self._pending:
-                    if fd is not None:
-                        os.close(fd)
-                    future = self._pending.popleft()
-                    if not future.done():
-                        future.set_exception(SpawnerGone(text))
-                case zygote.Exited(pid=pid, code=code) if pid in self._exits:
+                    if future is not None and not future.done():
+                        future.set_exception(SpawnerGone("no pidfd came with the child"))
+                    return
+                # Resolved with the child's exit code (minus the signal) once it is
+                # reaped, or None if the zygote dies before telling.
+                exited = self._exits[pid] = asyncio.get_running_loop().create_future()
+                future.set_result((pid, fd, exited))
+            case zygote.SpawnFailed(id=request_id, message=text):
+                if fd is not None:
+                    os.close(fd)
+                failed = self._pending.pop(request_id, None)
+                if failed is not None and not failed.done():
+                    failed.set_exception(SpawnerGone(text))
+            case zygote.Exited(pid=pid, code=code):
+                if fd is not None:
+                    os.close(fd)
+                if pid in self._exits:
                     _resolve(self._exits.pop(pid), code)
-                case _:
-                    if fd is not None:
-                        os.close(fd)
 
-    def _gone(self, reason: str) -> None:
-        """The zygote is unusable: fail what waits on it; the pool kills the children."""
+    def _gone(self, reason: str, *, reap: bool = True) -> None:
+        """The zygote is unusable: fail what waits on it; the pool kills the children.
+        ``reap``: kill and reap the zygote process now (it is broken)."""
         control, self._control = self._control, None
         if control is None:
             return
         with contextlib.suppress(ValueError, RuntimeError):
             asyncio.get_running_loop().remove_reader(control.fileno())
         control.close()
-        while self._pending:
-            future = self._pending.popleft()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
             if not future.done():
                 future.set_exception(SpawnerGone(reason))
         exits, self._exits = self._exits, {}
         for exit_code in exits.values():
             _resolve(exit_code, None)
-        if self._process is not None:  # dead or broken: make sure, reap it
+        process, self._process = self._process, None
+        if process is not None and reap:
             with contextlib.suppress(OSError):
-                self._process.kill()
-            self._process.wait()
-            self._process = None
+                process.kill()
+            process.wait()
         self._on_death()
 
 
@@ -209,6 +237,8 @@ class ChildProcess:
         self._busy_since: float | None = None
         self.innocent = False
         """Killed for a cause of ours (see ``kill_now``)."""
+        self.abandoned_deadline = 10.0
+        """Seconds an abandoned request may still run (the pool sets the call deadline)."""
         self.on_idle_death: Callable[[str], None] | None = None
         """Called with the reason when the child dies while no request is in flight
         (nobody waits to hear it otherwise); not when we kill it."""
@@ -276,8 +306,9 @@ class ChildProcess:
     def finish(self, request_id: int, *, answered: bool = True) -> None:
         """Stop waiting for ``request_id``. Unanswered, its late replies are dropped."""
         self._waiting.pop(request_id, None)
-        if not answered:
+        if not answered and self.alive:
             self._abandoned.add(request_id)
+            self._loop.call_later(self.abandoned_deadline, self._still_abandoned, request_id)
         self._settle_busy()
 
     async def send_frame(self, message: wire.Message) -> None:
@@ -384,6 +415,13 @@ class ChildProcess:
         else:
             raise ChildDied(f"it answered request {reply.id}, which was never asked")
 
+    def _still_abandoned(self, request_id: int) -> None:
+        """An abandoned request must still end within the call deadline: a child
+        looping on one would be charged no idle CPU (it counts as busy)."""
+        if request_id in self._abandoned and self.alive:
+            self.kill_now(f"it did not finish an abandoned request within "
+                          f"{self.abandoned_deadline:g} s")
+
     def _settle_busy(self) -> None:
         """Stop the busy clock once no request is outstanding: neither awaited nor
         abandoned (the child is still working on an abandoned one)."""
@@ -392,8 +430,11 @@ class ChildProcess:
             self._busy_since = None
 
     def _die(self, reason: str) -> None:
+        """Mark the child dead and SIGKILL it: a broken channel is never used again,
+        and a child that broke the protocol must not go on running."""
         if self.dead_reason is None:
             self.dead_reason = reason
+            _kill_pidfd(self._pidfd)
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._sock.fileno())
             for replies in self._waiting.values():

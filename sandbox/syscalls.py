@@ -21,7 +21,12 @@ user, network and IPC namespaces, Landlock and the rlimits):
   message queues, ``memfd_create``, inotify and fanotify instances (inotify also
   sees names Landlock hides);
 - kernel surface a character never needs: ``io_uring``, ``bpf``, ``perf_event_open``,
-  ``userfaultfd``, keyrings, modules, mounts and namespaces, ``personality``...
+  ``userfaultfd``, keyrings, modules, mounts and namespaces, ``personality``...;
+- file leases and ``flock`` (they would stall the server's own opens and locks of
+  files the child may read), socket ioctls (the host's interfaces);
+- system calls newer than the machine's libseccomp, by number (``_BY_NUMBER``), and
+  any from ``_UNKNOWN_FROM`` on with ENOSYS, so that a kernel newer than this list
+  does not open a door (``setxattrat`` would otherwise change ACLs of server files).
 """
 
 from __future__ import annotations
@@ -53,8 +58,25 @@ REFUSED = (
     "move_mount", "open_tree", "fsopen", "fsmount", "fspick", "mount_setattr",
     "open_by_handle_at", "name_to_handle_at",
     "personality", "ioperm", "iopl", "syslog", "acct", "quotactl", "swapon", "swapoff",
+    "flock", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname",
+    "setdomainname",
     "reboot", "vhangup", "uselib", "lookup_dcookie",
 )
+
+
+# System calls newer than the libseccomp a machine may have (2.5.4 on Debian 12 knows
+# none of these): refused by number, the same on x86_64 and arm64 (asm-generic).
+_BY_NUMBER = {
+    "fchmodat2": 452, "statmount": 457, "listmount": 458, "lsm_set_self_attr": 460,
+    "setxattrat": 463, "removexattrat": 466, "open_tree_attr": 467, "file_setattr": 469,
+}
+_UNKNOWN_FROM = 470
+"""System calls from this number on (newer than this filter) answer ENOSYS."""
+_UNKNOWN_TO = 512
+_F_SETLEASE, _F_NOTIFY = 1024, 1026
+_SIOC_MASK, _SIOC = 0xFF00, 0x8900
+"""Socket ioctls (SIOCGIFCONF...): on the channel, a socket of the server's network
+namespace, they would list the host's interfaces."""
 
 
 class _SockFilter(ctypes.Structure):
@@ -72,11 +94,23 @@ def build() -> bytes:
     import pyseccomp as seccomp  # loads libseccomp.so.2
 
     rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    refuse = seccomp.ERRNO(errno.EPERM)
     for name in REFUSED:
         try:
-            rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+            rules.add_rule(refuse, name)
         except (OSError, ValueError, RuntimeError):
-            pass  # not a system call on this architecture
+            if name not in _BY_NUMBER:
+                continue  # not a system call on this architecture (vfork on arm64...)
+    for name, number in _BY_NUMBER.items():
+        try:
+            rules.add_rule(refuse, name)  # a libseccomp that knows it
+        except (OSError, ValueError, RuntimeError):
+            rules.add_rule(refuse, number)
+    for number in range(_UNKNOWN_FROM, _UNKNOWN_TO):
+        rules.add_rule(seccomp.ERRNO(errno.ENOSYS), number)
+    for command in (_F_SETLEASE, _F_NOTIFY):  # leases stall the server's opens
+        rules.add_rule(refuse, "fcntl", seccomp.Arg(1, seccomp.EQ, command))
+    rules.add_rule(refuse, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, _SIOC_MASK, _SIOC))
     with os.fdopen(os.memfd_create("troupe-seccomp"), "w+b") as program:
         rules.export_bpf(program)
         program.seek(0)

@@ -29,7 +29,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 
 import msgspec
 
@@ -43,16 +42,19 @@ _MAX_MESSAGE = 64 * 1024
 class Spawn(msgspec.Struct, tag=True):
     """Start a child on the channel fd sent beside this message."""
 
+    id: int
     limits: ChildLimits
 
 
 class Spawned(msgspec.Struct, tag=True):
     """The child's pid (in the server's PID namespace); its pidfd comes beside it."""
 
+    id: int
     pid: int
 
 
 class SpawnFailed(msgspec.Struct, tag=True):
+    id: int
     message: str
 
 
@@ -133,22 +135,23 @@ def _serve_one(control: socket.socket, children: dict[int, int], program: bytes 
     channel = receive_fd(ancillary)
     try:
         request = _decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        send(control, SpawnFailed(message=f"bad request: {exc}"))
-        return True
+    except msgspec.DecodeError:
+        if channel is not None:
+            os.close(channel)
+        return False  # only the server writes here: a bad message means it is broken
     if channel is None:
-        send(control, SpawnFailed(message="no channel fd came with the request"))
+        send(control, SpawnFailed(id=request.id, message="no channel fd came with it"))
         return True
     try:
         pid = _fork_child(control, channel, request.limits, program)
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
-        send(control, SpawnFailed(message=f"could not start a child: {exc}"))
+        send(control, SpawnFailed(id=request.id, message=f"could not start a child: {exc}"))
         return True
     finally:
         os.close(channel)
     children[pid] = pidfd
-    send(control, Spawned(pid=pid), pidfd)
+    send(control, Spawned(id=request.id, pid=pid), pidfd)
     return True
 
 
@@ -194,6 +197,3 @@ def _reap(control: socket.socket, children: dict[int, int]) -> None:
             with contextlib.suppress(OSError):
                 send(control, Exited(pid=pid, code=os.waitstatus_to_exitcode(status)))
 
-
-if __name__ == "__main__" and len(sys.argv) == 2:
-    main(int(sys.argv[1]))

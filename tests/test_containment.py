@@ -522,3 +522,30 @@ def test_require_sandbox_refuses_a_kernel_without_landlock(tmp_path: Path) -> No
     assert finished.returncode == 1, finished.stderr
     assert "not starting" in finished.stderr
     assert "landlock" in finished.stderr
+
+
+async def test_system_calls_newer_than_libseccomp_are_refused_too(
+    connect: Connect, allowed_root: Path
+) -> None:
+    """libseccomp 2.5.4 (Debian 12) knows none of these names; a filter built from
+    names alone let setxattrat change a server file's ACL (found in review)."""
+    attacker = await connect()
+
+    result = await run_attack(attacker, allowed_root, "Newcomer", """
+        import ctypes, errno
+        libc = ctypes.CDLL(None, use_errno=True)
+        def call(number):
+            if libc.syscall(number, 0, 0, 0, 0, 0, 0) != -1:
+                return "returned"
+            code = ctypes.get_errno()
+            if code != errno.EPERM and code != errno.ENOSYS:
+                return errno.errorcode.get(code, code)  # reached the kernel's checks
+            raise PermissionError(code, "refused")
+        for name, number in [("fchmodat2", 452), ("statmount", 457), ("listmount", 458),
+                             ("setxattrat", 463), ("removexattrat", 466),
+                             ("open_tree_attr", 467), ("file_setattr", 469),
+                             ("future", 480)]:
+            attempt(name, lambda: call(number))
+        """)
+
+    assert failed(result) == {}
