@@ -398,10 +398,11 @@ async def test_a_speech_to_text_fault(rig: Rig, fault: Fault, expected: str | No
     "connection handler is cancelled (aiohttp does so when the connection drops, with "
     "handler_cancellation=True as its TestServer sets, and at shutdown past "
     "shutdown_timeout), the CancelledError lands on the first await of run()'s "
-    "finally (gathering the cancelled worker), so _cancel_reply(), _stop_listening() "
-    "and the writer's cancellation never run: the Kyutai STT stream stays open (until "
-    "the server stops) and a reply in progress goes on talking to the model and the "
-    "TTS for a session that is gone."))
+    "finally (gathering the cancelled worker), so _cancel_reply() and "
+    "_stop_listening() never run: the Kyutai STT stream stays open (until the server "
+    "stops) and a reply in progress goes on talking to the model and the TTS for a "
+    "session that is gone. Shielding that clean-up (or running it in a task the "
+    "handler awaits through asyncio.shield) would fix it."))
 async def test_a_session_whose_handler_is_cancelled_closes_its_stream(rig: Rig) -> None:
     a = await rig.connect()
     stop = asyncio.Event()
