@@ -93,6 +93,10 @@ CLOSE_TIMEOUT = 5.0
 """Seconds a close waits (flushing, then for the client's close frame) before a reset."""
 
 
+_teardowns: set[asyncio.Future[None]] = set()
+"""Session cleanups in progress, kept so that a cancelled handler's still finishes."""
+
+
 class Session:
     def __init__(
         self, ws: web.WebSocketResponse, dialect: Dialect, model: str | None,
@@ -153,24 +157,32 @@ class Session:
             if self._closer is None:  # the client left: what it did not read goes
                 self._outbox.close(drop=True)
             self._jobs.clear()
-            try:
-                await asyncio.gather(worker, return_exceptions=True)
-                await self._cancel_reply()
-                await self._stop_listening()
-                self.conversation.clear()  # now, whoever still holds the session
-                if self._closer is not None:
-                    # Shielded: a shutdown that cancels us still ends in a close or reset.
-                    await asyncio.gather(asyncio.shield(self._closer), return_exceptions=True)
-                # The writer ends by itself once its outbox is closed and the connection
-                # over: cancelling it would leave its frame (the session) in a cycle.
-                await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT)
-            finally:
-                if not writer.done():
-                    writer.cancel()  # a connection that outlived its close
-                self._closing = True  # a late end() (the deadline watcher's) does nothing
-                # Nothing the session started keeps it (and all it holds) in a cycle
-                # until the collector comes round: it goes now.
-                self._writer = self._closer = self._parting = None
+            # Shielded: a handler cancelled mid-cleanup (a dropped connection under
+            # handler_cancellation, a slow shutdown) still stops the reply and the STT
+            # stream; the module keeps the task until it is done.
+            teardown = asyncio.ensure_future(self._teardown(worker, writer))
+            _teardowns.add(teardown)
+            teardown.add_done_callback(_teardowns.discard)
+            await asyncio.shield(teardown)
+
+    async def _teardown(self, worker: asyncio.Task[None], writer: asyncio.Task[None]) -> None:
+        try:
+            await asyncio.gather(worker, return_exceptions=True)
+            await self._cancel_reply()
+            await self._stop_listening()
+            self.conversation.clear()  # now, whoever still holds the session
+            if self._closer is not None:
+                await asyncio.gather(self._closer, return_exceptions=True)
+            # The writer ends by itself once its outbox is closed and the connection
+            # over: cancelling it would leave its frame (the session) in a cycle.
+            await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT)
+        finally:
+            if not writer.done():
+                writer.cancel()  # a connection that outlived its close
+            self._closing = True  # a late end() (the deadline watcher's) does nothing
+            # Nothing the session started keeps it (and all it holds) in a cycle
+            # until the collector comes round: it goes now.
+            self._writer = self._closer = self._parting = None
 
     async def close(self) -> None:
         try:

@@ -393,16 +393,6 @@ async def test_a_speech_to_text_fault(rig: Rig, fault: Fault, expected: str | No
     await rig.assert_nothing_left()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/session.py Session.run: its clean-up is not cancel-safe. When the "
-    "connection handler is cancelled (aiohttp does so when the connection drops, with "
-    "handler_cancellation=True as its TestServer sets, and at shutdown past "
-    "shutdown_timeout), the CancelledError lands on the first await of run()'s "
-    "finally (gathering the cancelled worker), so _cancel_reply() and "
-    "_stop_listening() never run: the Kyutai STT stream stays open (until the server "
-    "stops) and a reply in progress goes on talking to the model and the TTS for a "
-    "session that is gone. Shielding that clean-up (or running it in a task the "
-    "handler awaits through asyncio.shield) would fix it."))
 async def test_a_session_whose_handler_is_cancelled_closes_its_stream(rig: Rig) -> None:
     a = await rig.connect()
     stop = asyncio.Event()
