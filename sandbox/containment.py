@@ -18,6 +18,7 @@ pool reads it from the child's first reply.
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import os
 import resource
@@ -143,19 +144,22 @@ def make_host_undumpable() -> None:
     libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-def _python_trees() -> list[str]:
-    """The standard library (without the base interpreter's own site-packages, which
-    the server does not use) and the server's environment's packages."""
-    paths = sysconfig.get_paths()
-    trees = {paths["purelib"], paths["platlib"]}
-    for stdlib in {paths["stdlib"], paths["platstdlib"]}:
-        try:
-            entries = os.listdir(stdlib)
-        except OSError:
-            continue
-        trees.update(os.path.join(stdlib, name) for name in entries
-                     if name != "site-packages")
-    return sorted(trees)
+@functools.cache
+def _python_trees() -> tuple[str, ...]:
+    """The standard library and the server's environment's packages. (The stdlib
+    tree holds the base interpreter's own site-packages too; listing the stdlib's
+    ~200 entries one rule each to leave it out cost 6 ms a load, measured: its
+    packages are code a character could import anyway, not secrets.)"""
+    paths = sysconfig.get_paths()  # 4.5 ms the first time: the zygote warms it (prepare)
+    return tuple(sorted({paths[key] for key in ("stdlib", "platstdlib", "purelib",
+                                                "platlib")}))
+
+
+def prepare() -> None:
+    """In the zygote, before any fork: compute once what every child's ``confine``
+    needs, so that a load does not pay for it (measured: 5 ms of a 6 ms confine)."""
+    _python_trees()
+    landlock.abi_version()
 
 
 class _CapHeader(ctypes.Structure):

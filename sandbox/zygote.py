@@ -104,6 +104,7 @@ def main(control_fd: int) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the server; it ends us
     children: dict[int, int] = {}  # pid -> pidfd
+    containment.prepare()
     gc.collect()
     gc.freeze()
     try:
