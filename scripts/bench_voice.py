@@ -87,9 +87,9 @@ from scripts.bench import (
     proc_stat,
 )
 from server.app import create_app
+from server.backends.embedded.tts import EmbeddedTTS, phrases
+from server.backends.kyutai.tts import pcm16_bytes
 from server.config import EMBEDDED, Config
-from server.embedded_tts import EmbeddedTTS, phrases
-from server.kyutai_tts import pcm16_bytes
 
 # The protocol fakes live with the tests and import each other as top-level modules
 # (``from loopback import serve``), so tests/ goes on sys.path to import them here.
@@ -618,7 +618,7 @@ async def _embedded_turn(client: Client, question: Question) -> tuple[dict[str, 
 
 def _first_phrase(session: VoiceSession) -> float | None:
     """When the reply's text first held a phrase the embedded TTS speaks on its own
-    (a sentence and the space after it, ``server.embedded_tts.phrases``)."""
+    (a sentence and the space after it, ``server.backends.embedded.tts.phrases``)."""
     text = ""
     for at, event in session.all("response.output_audio_transcript.delta"):
         text += event["delta"]

@@ -62,8 +62,8 @@ from fault_checks import (  # noqa: E402
 from fault_proxy import Cut, Fault, FaultProxy, Latency, Refuse, Reset, Stall  # noqa: E402
 
 from sandbox import ChildLimits, SandboxConfig  # noqa: E402
-from server import embedded_llm  # noqa: E402
 from server.app import LLM_BACKEND, POOL, SESSIONS, SPEECH, create_app  # noqa: E402
+from server.backends.embedded import llm as embedded_llm  # noqa: E402
 from server.config import Config  # noqa: E402
 
 BACKEND_TIMEOUT = 1.5

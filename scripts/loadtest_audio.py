@@ -147,7 +147,7 @@ def synthesized_speech(text: str = PHRASE, cache: Path = CACHE) -> Path:
     path = cache / f"speech-{digest}.wav"
     if path.exists():
         return path
-    from server.embedded_tts import EmbeddedTTS  # piper loads only when a WAV is made
+    from server.backends.embedded.tts import EmbeddedTTS  # piper loads only when a WAV is made
 
     samples = EmbeddedTTS().synthesize_all(text)
     cache.mkdir(parents=True, exist_ok=True)

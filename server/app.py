@@ -34,15 +34,18 @@ from prometheus_async.aio.web import server_stats
 
 from sandbox import Pool
 
-from . import admin, auth, dialects, frontdoor, metrics
-from .auth import FrontDoor, Refused, Scope
-from .characters import CharacterSet
+from . import metrics
+from .backends.llm_backend import Backend
+from .backends.speech_backends import SpeechBackends
 from .config import Config
-from .deadlines import Deadlines, watch
+from .conversation.characters import CharacterSet
 from .errors import TroupeError
-from .llm_backend import Backend
-from .session import Session
-from .speech_backends import SpeechBackends
+from .frontdoor import admin, auth
+from .frontdoor import routes as frontdoor
+from .frontdoor.auth import FrontDoor, Refused, Scope
+from .frontdoor.deadlines import Deadlines, watch
+from .realtime import dialects
+from .realtime.session import Session
 
 log = logging.getLogger(__name__)
 

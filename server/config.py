@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 from sandbox import ChildLimits, SandboxConfig
 
-from . import auth, keys
+from .frontdoor import auth, keys
 
 _REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = "embedded"
@@ -56,9 +56,9 @@ class Config:
     audio_lead: float = 0.5
     """Seconds of reply audio sent ahead of real time (what a barge-in leaves queued)."""
     log_level: str = "INFO"
-    # The front door (README "The front door", server/auth.py).
+    # The front door (README "The front door", server/frontdoor/auth.py).
     api_keys: Path | None = None
-    """The keys file (TOML, server/keys.py); with it every connection needs a key."""
+    """The keys file (TOML, server/frontdoor/keys.py); with it every connection needs a key."""
     no_auth: bool = False
     """Run without keys on an address other than loopback, on purpose."""
     allowed_origins: tuple[str, ...] = ()

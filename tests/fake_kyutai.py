@@ -11,7 +11,7 @@
 Every message is one binary frame holding a msgpack map, as moshi-server writes them
 (``rmp_serde`` with struct maps; ``pcm`` as msgpack float32). The fake builds its
 frames from plain maps rather than the client's Structs, so a schema mistake in
-``server/kyutai_tts.py`` cannot hide behind a shared definition.
+``server/backends/kyutai/tts.py`` cannot hide behind a shared definition.
 
 Failure modes, set before the client connects: ``refuse`` (no free channel, the
 capacity error), ``drop_after_words`` (the TCP connection is cut after that many

@@ -1,5 +1,5 @@
-"""The front door's decisions without sockets (server/keys.py, server/auth.py,
-server/deadlines.py): keys files, client secrets, origins, rates, admission, and the
+"""The front door's decisions without sockets (server/frontdoor/keys.py, server/frontdoor/auth.py,
+server/frontdoor/deadlines.py): keys files, client secrets, origins, rates, admission, and the
 order the checks run in. Clocks are passed in; nothing here waits."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from server import auth, keys
-from server.auth import FrontDoor, Knock, Refused, Settings
-from server.deadlines import Deadlines, Expiry
-from server.keys import ApiKey, ClientSecrets, Keyring
+from server.frontdoor import auth, keys
+from server.frontdoor.auth import FrontDoor, Knock, Refused, Settings
+from server.frontdoor.deadlines import Deadlines, Expiry
+from server.frontdoor.keys import ApiKey, ClientSecrets, Keyring
 
 ALICE = "sk-alice-0123456789abcdef"
 BOB = "sk-bob-0123456789abcdefgh"

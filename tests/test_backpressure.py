@@ -32,9 +32,9 @@ from conftest import (
 )
 
 from scripts.raw_ws import RawClient
-from server import session as session_module
 from server.app import SESSIONS
-from server.protocol import MAX_DEPTH
+from server.realtime import session as session_module
+from server.realtime.protocol import MAX_DEPTH
 
 
 async def eventually(condition: Callable[[], object], within: float = 30.0) -> bool:
@@ -56,7 +56,7 @@ def alive(pid: int) -> bool:
 
 def closing_logged(caplog: pytest.LogCaptureFixture, reason: str) -> bool:
     return any(reason in record.getMessage() for record in caplog.records
-               if record.name == "server.session")
+               if record.name == "server.realtime.session")
 
 
 async def read_until_closed(session: Realtime) -> tuple[list[dict[str, Any]], aiohttp.WSMessage]:
@@ -235,7 +235,7 @@ async def test_a_client_that_stops_reading_is_closed_with_1008_and_everything_fr
     monkeypatch.setattr(session_module, "SEND_TIMEOUT", 2.0 * SCALE)
     monkeypatch.setattr(session_module, "MAX_DROPPED_EVENTS", most)
     monkeypatch.setattr(session_module, "CLOSE_TIMEOUT", (5.0 if reads_again else 0.5) * SCALE)
-    caplog.set_level(logging.INFO, logger="server.session")
+    caplog.set_level(logging.INFO, logger="server.realtime.session")
     gc.collect()
     gc.disable()
     request.addfinalizer(gc.enable)

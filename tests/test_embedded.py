@@ -19,10 +19,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import SCALE, Realtime
 
 from server.app import create_app
+from server.audio.resampling import StreamResampler
+from server.backends.embedded.tts import EmbeddedTTS, phrases
+from server.backends.kyutai.tts import pcm16_bytes
 from server.config import Config
-from server.embedded_tts import EmbeddedTTS, phrases
-from server.kyutai_tts import pcm16_bytes
-from server.resampling import StreamResampler
 
 pytestmark = pytest.mark.timeout(300)
 

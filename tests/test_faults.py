@@ -51,8 +51,9 @@ from fault_checks import (
 )
 from fault_proxy import Cut, Fault, FaultProxy, Latency, Refuse, Reset, Stall
 
-from server import embedded_llm, embedded_stt
 from server.app import LLM_BACKEND, POOL, SESSIONS, SPEECH, VOICES
+from server.backends.embedded import llm as embedded_llm
+from server.backends.embedded import stt as embedded_stt
 from server.config import Config
 
 BACKEND_TIMEOUT = 1.5 * SCALE

@@ -309,7 +309,7 @@ LEAKS = ("Traceback", 'File "', str(Path(__file__).resolve().parent.parent), "si
 @example(event={"type": "input_audio_buffer.append", "audio": "AAA"})
 @example(event={"type": "conversation.item.create", "item": {"content": [[]] * 65}})
 def fuzz_client_events(runner: asyncio.Runner, client: Any, event: dict[str, Any]) -> None:
-    from server.protocol import InvalidEvent, decode_client
+    from server.realtime.protocol import InvalidEvent, decode_client
 
     frame = json.dumps(event)
     try:

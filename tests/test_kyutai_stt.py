@@ -1,4 +1,4 @@
-"""server/kyutai_stt.py against a fake that speaks moshi-server's STT protocol on
+"""server/backends/kyutai/stt.py against a fake that speaks moshi-server's STT protocol on
 loopback (tests/fake_kyutai_stt.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fake_kyutai_stt import (
     fake_kyutai_stt_fixture,  # noqa: F401 -- registers the fake_kyutai_stt fixture
 )
 
-from server.kyutai_stt import (
+from server.backends.kyutai.stt import (
     FRAME_SAMPLES,
     SAMPLE_RATE,
     SETTLE_STEPS,
@@ -27,7 +27,7 @@ from server.kyutai_stt import (
     Word,
     pcm16_to_float,
 )
-from server.llm import BackendUnavailable
+from server.backends.llm import BackendUnavailable
 
 CHUNK_SEC = 0.1
 """What a client sends at a time: 2400 samples, not a whole number of frames."""

@@ -1,4 +1,4 @@
-"""server/kyutai_tts.py against a fake that speaks moshi-server's TTS WebSocket
+"""server/backends/kyutai/tts.py against a fake that speaks moshi-server's TTS WebSocket
 protocol on loopback (tests/fake_kyutai.py)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fake_kyutai import (
     tone,
 )
 
-from server.kyutai_tts import (
+from server.backends.kyutai.tts import (
     SAMPLE_RATE,
     AudioChunk,
     KyutaiTTS,
@@ -26,7 +26,7 @@ from server.kyutai_tts import (
     pcm16_bytes,
     words,
 )
-from server.llm import BackendUnavailable
+from server.backends.llm import BackendUnavailable
 
 VOICE = "unmute-prod-website/p329_022.wav"
 

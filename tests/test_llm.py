@@ -1,4 +1,4 @@
-"""server/llm.py through the real openai SDK, against a fake that speaks OpenAI's
+"""server/backends/llm.py through the real openai SDK, against a fake that speaks OpenAI's
 chat-completions protocol on loopback (tests/fake_openai.py)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from fake_openai import (
     tool_calls,
 )
 
-from server.llm import (
+from server.backends.llm import (
     LLM,
     TOO_MANY_TOOL_ROUNDS,
     BackendUnavailable,

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder
+from server.audio.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder
 
 Samples = npt.NDArray[np.float32]
 

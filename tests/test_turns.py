@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.turns import MAX_NUDGES, Action, State, TurnTaking
+from server.conversation.turns import MAX_NUDGES, Action, State, TurnTaking
 
 
 def feed(turns: TurnTaking, probability: float, start: float, end: float,

@@ -35,10 +35,10 @@ from fake_kyutai_stt import FakeKyutaiSTT, fake_kyutai_stt_fixture  # noqa: F401
 from fake_openai import FakeOpenAI, fake_openai_fixture, stall, text  # noqa: F401
 from pydantic import BaseModel, ValidationError
 
-from server import protocol
 from server.app import SESSIONS
-from server.dialects import Dialect, accepts
-from server.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder
+from server.audio.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder
+from server.realtime import protocol
+from server.realtime.dialects import Dialect, accepts
 
 WITHIN = 20.0 * SCALE
 VOICE = "Wren"
@@ -499,7 +499,7 @@ async def test_openai_text_deltas_stay_the_models_pieces(
 
 
 def server_event_types() -> set[str]:
-    """Every event type server/protocol.py can send."""
+    """Every event type server/realtime/protocol.py can send."""
     found: set[str] = set()
     classes: list[type[protocol.ServerEvent]] = [protocol.ServerEvent]
     while classes:

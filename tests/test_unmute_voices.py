@@ -28,8 +28,8 @@ from fake_openai import FakeOpenAI, fake_openai_fixture, text  # noqa: F401
 from pydantic import BaseModel, ConfigDict, Field
 from test_unmute import INSTRUCTIONS, Unmute
 
-from server import dialects
 from server.app import VOICES
+from server.realtime import dialects
 
 SHIPPED = [REPO / "characters"]
 """Every character directory the repository ships."""

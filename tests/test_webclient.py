@@ -6,8 +6,8 @@
                ──send("…")──▶ client events it sends   ⊆ protocol.CLIENT_EVENT_TYPES
                ──$("…")────▶ elements it looks up     ⊆ ids in index.html
 
-The server-side sets come from ``server.protocol`` and ``server.dialects``, so a renamed
-event breaks these tests instead of the page.
+The server-side sets come from ``server.realtime.protocol`` and
+``server.realtime.dialects``, so a renamed event breaks these tests instead of the page.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from urllib.parse import urljoin, urlsplit
 import msgspec
 import pytest
 
-from server import dialects, protocol
+from server.realtime import dialects, protocol
 
 STATIC = Path(__file__).resolve().parent.parent / "server" / "static"
 PAGE = STATIC / "index.html"

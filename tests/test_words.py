@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from server.replies import Words
+from server.conversation.replies import Words
 
 
 def words_of(pieces: list[str]) -> list[str]:

@@ -26,9 +26,11 @@ from sandbox import (
     SandboxTimeout,
 )
 
-from . import dialects, directories, metrics
-from .config import Config
-from .errors import ServerSideError, TroupeError
+from .. import metrics
+from ..config import Config
+from ..errors import ServerSideError, TroupeError
+from ..realtime import dialects
+from . import directories
 
 
 @dataclass(frozen=True)

@@ -52,18 +52,20 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from sandbox import CallFailed, CharacterInfo, Pool, SandboxCrashed, SandboxTimeout
 
-from . import dialects, metrics, protocol, replies
-from .characters import CharacterSet, Loaded
-from .config import Config
-from .conversation import Conversation
+from .. import metrics
+from ..audio.opus import OpusDecoder
+from ..backends.llm import LLM, BackendUnavailable
+from ..backends.speech import SpeechToText, TextToSpeech
+from ..config import Config
+from ..conversation import replies
+from ..conversation.characters import CharacterSet, Loaded
+from ..conversation.history import Conversation
+from ..conversation.listening import Listening, Utterance
+from ..conversation.turns import Action, State, TurnTaking
+from ..errors import ServerSideError, TroupeError
+from . import dialects, protocol
 from .dialects import Dialect, SessionSettings
-from .errors import ServerSideError, TroupeError
 from .limits import Backlog, Outbox, SlidingWindow
-from .listening import Listening, Utterance
-from .llm import LLM, BackendUnavailable
-from .opus import OpusDecoder
-from .speech import SpeechToText, TextToSpeech
-from .turns import Action, State, TurnTaking
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

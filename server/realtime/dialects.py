@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import TroupeError
+from ..errors import TroupeError
 from .protocol import AudioFormat, SessionFields
 
 

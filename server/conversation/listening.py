@@ -18,12 +18,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from . import protocol
-from .errors import TroupeError
-from .kyutai_stt import Flushed, Pause, Word, pcm16_to_float
-from .llm import BackendUnavailable
-from .opus import OpusDecoder
-from .speech import SAMPLE_RATE, SpeechToText, STTStream
+from ..audio.opus import OpusDecoder
+from ..backends.kyutai.stt import Flushed, Pause, Word, pcm16_to_float
+from ..backends.llm import BackendUnavailable
+from ..backends.speech import SAMPLE_RATE, SpeechToText, STTStream
+from ..errors import TroupeError
+from ..realtime import protocol
 from .turns import Action, TurnTaking
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ Per stream, in order: resample to 16 kHz ─▶ Silero VAD, 512 samples (32 ms) 
                      last STABLE partials agree on (never the newest word)
     GAP of silence, or Flush ─▶ end_utt ─▶ HeardWord for the words left; decoder back
 
-Both models hold the GIL while they compute, hence a process (``server.workers``).
+Both models hold the GIL while they compute, hence a process (``server.backends.embedded.workers``).
 A decoder holds about 88 MB (measured) and is not shareable, so streams borrow one
 only for an utterance: the worker holds as many as people speak at the same moment.
 """
@@ -30,7 +30,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from .resampling import StreamResampler
+from ...audio.resampling import StreamResampler
 from .workers import NICENESS, frame, protocol_stdout, read
 
 SAMPLE_RATE = 24_000

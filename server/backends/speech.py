@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .kyutai_stt import EndWord, Event, Flushed, Pause, Word
-from .kyutai_tts import AudioChunk, SpokenWord, TtsEvent
+from .kyutai.stt import EndWord, Event, Flushed, Pause, Word
+from .kyutai.tts import AudioChunk, SpokenWord, TtsEvent
 
 __all__ = [
     "AudioChunk", "EndWord", "Event", "Flushed", "Pause", "SAMPLE_RATE", "STTStream",

@@ -20,8 +20,8 @@ from typing import Protocol
 
 from aiohttp import WSCloseCode
 
-from . import metrics
-from .errors import TroupeError
+from .. import metrics
+from ..errors import TroupeError
 
 
 class Expiry(enum.Enum):

@@ -31,13 +31,14 @@ from typing import Any, Protocol
 
 from sandbox import CallFailed, Sandbox, SandboxError, SandboxTimeout
 
-from . import metrics, protocol
-from .conversation import Conversation
-from .errors import ServerSideError
-from .kyutai_tts import AudioChunk, pcm16_bytes
-from .llm import LLM, BackendUnavailable, respond
-from .opus import OpusEncoder, Samples
-from .speech import SAMPLE_RATE, TextToSpeech
+from .. import metrics
+from ..audio.opus import OpusEncoder, Samples
+from ..backends.kyutai.tts import AudioChunk, pcm16_bytes
+from ..backends.llm import LLM, BackendUnavailable, respond
+from ..backends.speech import SAMPLE_RATE, TextToSpeech
+from ..errors import ServerSideError
+from ..realtime import protocol
+from .history import Conversation
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import TroupeError
+from ..errors import TroupeError
 
 DEFAULT = "default"
 

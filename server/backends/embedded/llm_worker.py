@@ -3,7 +3,7 @@
     EmbeddedLLM (server) ══ stdin ══▶ Generate{id, messages, temperature} · Cancel{id}
                          ◀═ stdout ══ Ready · Token{id, text} · Done{id} · Failed{id, message}
 
-Frames: ``server.workers``. A reader thread takes requests and cancellations; the
+Frames: ``server.backends.embedded.workers``. A reader thread takes requests and cancellations; the
 main thread generates one reply at a time and checks for a cancellation between
 tokens.
 

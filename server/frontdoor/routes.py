@@ -1,7 +1,7 @@
 """The front door's aiohttp side: a request becomes an ``auth.Knock``, an
 ``auth.Refused`` an HTTP answer, and the keys file is re-read on SIGHUP.
 
-    request ──knock()──▶ FrontDoor (server/auth.py) ──Refused──▶ refusal(): 4xx/503 JSON
+    request ──knock()──▶ FrontDoor (server/frontdoor/auth.py) ──Refused──▶ refusal(): 4xx/503 JSON
     POST /v1/realtime/client_secrets ──client_secret_request()──▶ seconds ──▶ FrontDoor.mint
     SIGHUP ──reload_keys()──▶ keys.load(--api-keys) ──▶ FrontDoor.replace_keys
 
@@ -20,9 +20,11 @@ from typing import Any
 
 from aiohttp import web
 
-from . import keys, metrics, protocol
+from .. import metrics
+from ..config import Config
+from ..realtime import protocol
+from . import keys
 from .auth import FrontDoor, Knock, Refused, Settings, bearer
-from .config import Config
 from .keys import DEFAULT_SECRET_SECONDS, MAX_SECRET_SECONDS, MIN_SECRET_SECONDS
 
 log = logging.getLogger(__name__)

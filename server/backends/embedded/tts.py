@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import inference, resampling
-from .kyutai_tts import AudioChunk, TtsEvent
-from .llm import BackendUnavailable
+from ...audio import resampling
+from ..kyutai.tts import AudioChunk, TtsEvent
+from ..llm import BackendUnavailable
+from . import inference
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 onnxruntime releases the GIL while it computes (measured: a loop-lateness probe beside
 piper stayed under 4.3 ms), so threads are enough here. The speech-to-text and the
 language model hold the GIL or clash with other libraries, so they run in worker
-processes instead (``server.workers``).
+processes instead (``server.backends.embedded.workers``).
 """
 
 from __future__ import annotations

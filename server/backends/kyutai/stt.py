@@ -52,7 +52,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from .llm import BackendUnavailable
+from ..llm import BackendUnavailable
 
 log = logging.getLogger(__name__)
 

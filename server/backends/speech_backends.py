@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from .config import EMBEDDED, Config
-from .embedded_stt import EmbeddedSTT
-from .embedded_tts import EmbeddedTTS
-from .kyutai_stt import KyutaiSTT
-from .kyutai_tts import KyutaiTTS
+from ..config import EMBEDDED, Config
+from .embedded.stt import EmbeddedSTT
+from .embedded.tts import EmbeddedTTS
+from .kyutai.stt import KyutaiSTT
+from .kyutai.tts import KyutaiTTS
 from .llm import BackendUnavailable
 from .speech import SpeechToText, TextToSpeech
 

@@ -34,7 +34,7 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnionParam
 from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
 
-from .errors import ServerSideError
+from ..errors import ServerSideError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 
-from .config import EMBEDDED, Config
-from .embedded_llm import EmbeddedLLM
+from ..config import EMBEDDED, Config
+from .embedded.llm import EmbeddedLLM
 from .llm import LLM, BackendUnavailable, BuiltinResponder, OpenAICompatibleLLM
 
 log = logging.getLogger(__name__)

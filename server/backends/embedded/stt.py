@@ -1,13 +1,13 @@
 """Speech to text from models shipped inside Python packages: Silero VAD + pocketsphinx.
 
     Listening ─▶ EmbeddedSTTStream.send_audio(float32 @ 24 kHz) ══Audio══▶ stt worker
-                 async for: Word, Pause, Flushed ◀══Events══ (server.stt_worker)
+                 async for: Word, Pause, Flushed ◀══Events══ (stt_worker)
 
-The recognition runs in worker processes (``server.stt_worker``), because both models
-hold the GIL while they compute; each stream lives in one worker, picked as the one
-with the fewest streams. A worker that dies, or answers nothing for ``STALL_TIMEOUT``
-seconds while audio waits (it is then killed), fails its streams with
-``backend_unavailable``; the next stream starts a new one.
+The recognition runs in worker processes (``server.backends.embedded.stt_worker``),
+because both models hold the GIL while they compute; each stream lives in one worker,
+picked as the one with the fewest streams. A worker that dies, or answers nothing for
+``STALL_TIMEOUT`` seconds while audio waits (it is then killed), fails its streams
+with ``backend_unavailable``; the next stream starts a new one.
 
 The events are those of Kyutai's STT (``Word``, ``Pause``, ``Flushed``), so the
 session and the turn-taking do not know which one they hear: Silero says how likely
@@ -31,9 +31,9 @@ from collections.abc import AsyncIterator
 import numpy as np
 import numpy.typing as npt
 
+from ..kyutai.stt import Event, Flushed, Pause, Word
+from ..llm import BackendUnavailable
 from . import stt_worker
-from .kyutai_stt import Event, Flushed, Pause, Word
-from .llm import BackendUnavailable
 from .workers import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class _Worker:
         self.ended: str | None = None
         """Why the last process ended, once it did (until the next one starts)."""
         self.process: WorkerProcess[stt_worker.Reply] = WorkerProcess(
-            "server.stt_worker", [], stt_worker.REPLIES, self._dispatch, self._ended,
+            stt_worker.__name__, [], stt_worker.REPLIES, self._dispatch, self._ended,
             is_final=_is_final, stall_timeout=STALL_TIMEOUT)
 
     async def start(self) -> None:

@@ -13,9 +13,9 @@ import html
 from pathlib import Path
 from typing import Any
 
-from . import metrics
+from .. import metrics
+from ..realtime.session import Session
 from .auth import Scope
-from .session import Session
 
 
 async def rows(sessions: dict[str, Session], scopes: dict[str, Scope]) -> list[dict[str, Any]]:

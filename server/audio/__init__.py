@@ -1,0 +1,1 @@
+"""Audio formats: Ogg Opus in and out, sample-rate conversion."""

@@ -1,0 +1,1 @@
+"""Models shipped inside Python packages, run in worker processes: nothing downloads."""

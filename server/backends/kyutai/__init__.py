@@ -1,0 +1,1 @@
+"""Kyutai's moshi-server: streaming speech to text and text to speech over WebSockets."""
