@@ -8,11 +8,14 @@ package never imports the server or aiohttp.
 from .config import ChildLimits, SandboxConfig
 from .errors import (
     CallFailed,
+    DirectoryNotFound,
+    DirectoryNotReadable,
     LoadFailed,
     SandboxCrashed,
     SandboxError,
     SandboxTimeout,
     SandboxUnavailable,
+    TooManyCharacters,
 )
 from .host import LoadReport, Sandbox
 from .observer import Observer
@@ -23,6 +26,8 @@ __all__ = [
     "CallFailed",
     "CharacterInfo",
     "ChildLimits",
+    "DirectoryNotFound",
+    "DirectoryNotReadable",
     "FileError",
     "LoadFailed",
     "LoadReport",
@@ -34,4 +39,5 @@ __all__ = [
     "SandboxError",
     "SandboxTimeout",
     "SandboxUnavailable",
+    "TooManyCharacters",
 ]

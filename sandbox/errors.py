@@ -4,6 +4,9 @@
     ├── SandboxCrashed     the child died or broke the protocol during a call
     ├── SandboxTimeout     a call or a whole load missed its deadline
     ├── LoadFailed         the directory as a whole could not be loaded
+    │   ├── DirectoryNotFound
+    │   ├── DirectoryNotReadable
+    │   └── TooManyCharacters
     ├── SandboxUnavailable no child can start, or protections required are missing
     └── CallFailed         character code raised; the child is fine
 
@@ -39,6 +42,29 @@ class SandboxUnavailable(SandboxError):
 
 class LoadFailed(SandboxError):
     error_type = "LoadFailed"
+
+    @staticmethod
+    def of(message: str, error_type: str) -> LoadFailed:
+        """The failure the child reported as ``error_type``, as its own class."""
+        kind = _LOAD_FAILURES.get(error_type, LoadFailed)
+        return kind(message, error_type)
+
+
+class DirectoryNotFound(LoadFailed):
+    error_type = "FileNotFoundError"
+
+
+class DirectoryNotReadable(LoadFailed):
+    error_type = "PermissionError"
+
+
+class TooManyCharacters(LoadFailed):
+    error_type = "TooManyCharacters"
+
+
+_LOAD_FAILURES: dict[str, type[LoadFailed]] = {
+    kind.error_type: kind for kind in (DirectoryNotFound, DirectoryNotReadable, TooManyCharacters)
+}
 
 
 class CallFailed(SandboxError):

@@ -268,7 +268,7 @@ class Sandbox:
                             return reply
                         case wire.Failed(error_type=error_type, message=message):
                             self._report_output(reply.output)
-                            raise LoadFailed(message, error_type)
+                            raise LoadFailed.of(message, error_type)
                         case _:
                             child.kill_now(f"it sent {type(reply).__name__} during a load")
                             raise ChildDied(child.dead_reason)

@@ -5,6 +5,7 @@ session, and the session goes on afterwards with the characters it had
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,10 @@ from conftest import (
     error_code,
     write_directory,
 )
+
+from server.errors import ERROR_CODES
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ── helpers ──────────────────────────────────────────────────────────────────
 
@@ -404,3 +409,9 @@ async def test_an_unmute_fork_directory_loads_unchanged(
     assert {c["name"] for c in reloaded["characters"]} == names
     for name in sorted(names):
         assert voice_of(await session.request(select(name))) == name
+
+
+def test_every_error_code_is_in_the_readme_and_the_readme_lists_no_other():
+    section = (ROOT / "README.md").read_text().split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([a-z_]+)`", section)) - {"error", "details"}
+    assert listed == ERROR_CODES

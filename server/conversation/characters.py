@@ -18,17 +18,15 @@ from dataclasses import dataclass
 from sandbox import (
     CharacterInfo,
     FileError,
-    LoadFailed,
     LoadReport,
     Pool,
     Sandbox,
-    SandboxCrashed,
-    SandboxTimeout,
+    SandboxError,
 )
 
 from .. import metrics
 from ..config import Config
-from ..errors import ServerSideError, TroupeError
+from ..errors import TroupeError, from_sandbox
 from ..realtime import dialects
 from . import directories
 
@@ -106,9 +104,12 @@ class CharacterSet:
         sandbox.on_idle_death = self._on_sandbox_death
         try:
             report = await sandbox.start(str(path), limit)
-        except BaseException as exc:
+        except SandboxError as exc:
             await sandbox.close()
-            raise _translate(exc, requested) from None
+            raise from_sandbox(exc, f"loading {requested}") from None
+        except BaseException:
+            await sandbox.close()
+            raise
         for error in report.errors:  # counted whether or not the set is swapped in
             metrics.CHARACTER_LOAD_ERRORS.labels(metrics.error_type_label(error.error_type)).inc()
         if not report.characters:
@@ -148,30 +149,6 @@ class CharacterSet:
         if self.sandbox is not None:
             await self.sandbox.close()
             self.sandbox = None
-
-
-def _translate(exc: BaseException, requested: str) -> BaseException:
-    """The client-facing error for a sandbox failure during a load."""
-    match exc:
-        case SandboxTimeout():
-            return ServerSideError("sandbox_timeout", f"loading {requested}: {exc}")
-        case LoadFailed(error_type="TooManyCharacters"):
-            return TroupeError("too_many_characters", str(exc), param="directory")
-        case LoadFailed(error_type="PermissionError"):
-            return TroupeError("directory_not_readable", f"{requested}: {exc}", param="directory")
-        case LoadFailed(error_type="FileNotFoundError"):
-            return TroupeError("directory_not_found", f"{requested}: {exc}", param="directory")
-        case LoadFailed():
-            return TroupeError(
-                "character_reload_failed",
-                f"{requested} could not be loaded: {exc}",
-                param="directory",
-                details={"error_type": exc.error_type},
-            )
-        case SandboxCrashed():
-            return ServerSideError("sandbox_crashed", f"loading {requested}: {exc}")
-        case _:
-            return exc
 
 
 def _error_dict(error: FileError) -> dict[str, str]:

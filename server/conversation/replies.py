@@ -29,14 +29,14 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sandbox import CallFailed, Sandbox, SandboxError, SandboxTimeout
+from sandbox import CallFailed, Sandbox, SandboxError
 
 from .. import metrics
 from ..audio.opus import OpusEncoder, Samples
 from ..backends.kyutai.tts import AudioChunk, pcm16_bytes
 from ..backends.llm import LLM, BackendUnavailable, respond
 from ..backends.speech import SAMPLE_RATE, TextToSpeech
-from ..errors import ServerSideError
+from ..errors import ServerSideError, TroupeError, from_sandbox
 from ..realtime import protocol
 from .history import Conversation
 
@@ -46,7 +46,7 @@ FRAME = 1920
 """Samples a ``response.audio.delta`` holds at most (80 ms at 24 kHz)."""
 
 Send = Callable[[protocol.ServerEvent], Awaitable[None]]
-SendError = Callable[[ServerSideError], Awaitable[None]]
+SendError = Callable[[TroupeError], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,7 @@ async def run_reply(
             except SandboxError as exc:
                 # The sandbox was restarted, its characters' state lost: the client
                 # is told (DESIGN.md §4), the model reads why and the reply goes on.
-                code = "sandbox_timeout" if isinstance(exc, SandboxTimeout) \
-                    else "sandbox_crashed"
-                await send_error(ServerSideError(code, f"calling the tool {name}: {exc}"))
+                await send_error(from_sandbox(exc, f"calling the tool {name}"))
                 return f"tool {name} failed: {exc}"
 
         messages = conversation.messages_for(system_prompt)
@@ -151,10 +149,8 @@ async def run_reply(
         raise
     except BackendUnavailable as exc:
         await send_error(exc)
-    except SandboxTimeout as exc:
-        await send_error(ServerSideError("sandbox_timeout", f"getting the tools: {exc}"))
     except SandboxError as exc:
-        await send_error(ServerSideError("sandbox_crashed", f"getting the tools: {exc}"))
+        await send_error(from_sandbox(exc, "getting the tools"))
     except Exception:  # a defect: the client hears of it, the log has the traceback
         log.exception("a reply of %s failed", character)
         await send_error(ServerSideError("server_error",

@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from sandbox import CallFailed, CharacterInfo, Pool, SandboxCrashed, SandboxTimeout
+from sandbox import CharacterInfo, Pool, SandboxError
 
 from .. import metrics
 from ..audio.opus import OpusDecoder
@@ -62,7 +62,7 @@ from ..conversation.characters import CharacterSet, Loaded
 from ..conversation.history import Conversation
 from ..conversation.listening import Listening, Utterance
 from ..conversation.turns import Action, State, TurnTaking
-from ..errors import ServerSideError, TroupeError
+from ..errors import ServerSideError, TroupeError, from_sandbox
 from . import dialects, protocol
 from .dialects import Dialect, SessionSettings
 from .limits import Backlog, Outbox, SlidingWindow
@@ -412,7 +412,8 @@ class Session:
                 "no_valid_characters",
                 "this session has no characters loaded; send session.characters.reload",
             )
-        characters = await self._sandbox_call(self.characters.sandbox.list())
+        characters = await self._sandbox_call(self.characters.sandbox.list(),
+                                              "listing the characters")
         await self.send(protocol.CharactersListed(
             directory=self.characters.directory,
             character_count=len(characters),
@@ -440,7 +441,8 @@ class Session:
             await self._end_conversation()
             assert self.characters.sandbox is not None
             self.system_prompt = await self._sandbox_call(
-                self.characters.sandbox.system_prompt(character.name)
+                self.characters.sandbox.system_prompt(character.name),
+                f"getting the instructions of {character.name}",
             )
             self.settings.voice = character.name
             await self.llm.warm(self.system_prompt)
@@ -616,7 +618,8 @@ class Session:
                 "this session has no character to answer; send session.characters.reload",
             )
         if self.system_prompt is None or self.settings.voice != character:
-            self.system_prompt = await self._sandbox_call(sandbox.system_prompt(character))
+            self.system_prompt = await self._sandbox_call(
+                sandbox.system_prompt(character), f"getting the instructions of {character}")
             self.settings.voice = character
         if turns is not None and turns.state is not State.REPLYING:
             return False
@@ -702,19 +705,11 @@ class Session:
         self.system_prompt = None
         self.settings.voice = None
 
-    async def _sandbox_call(self, call: Awaitable[T]) -> T:
+    async def _sandbox_call(self, call: Awaitable[T], doing: str) -> T:
         try:
             return await call
-        except SandboxTimeout as exc:
-            raise ServerSideError("sandbox_timeout", str(exc)) from None
-        except SandboxCrashed as exc:
-            raise ServerSideError("sandbox_crashed", str(exc)) from None
-        except CallFailed as exc:
-            raise TroupeError(
-                "character_error",
-                f"character code raised {exc.error_type}: {exc}",
-                details={"traceback": exc.traceback},
-            ) from None
+        except SandboxError as exc:
+            raise from_sandbox(exc, doing) from None
 
     def _check_reload_rate(self) -> None:
         now, limit = time.monotonic(), self.config.max_reloads_per_minute
