@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,10 @@ class Config:
     metrics_key: str | None = field(default=None, repr=False)
     client_secret_key: str | None = field(default=None, repr=False)
     """Signs client secrets; replicas that share it accept each other's."""
+    resume_window: float = 60.0
+    """Seconds a conversation whose connection ended may be resumed; 0: never."""
+    state_url: str | None = field(default=None, repr=False)
+    """Redis URL where sessions' state is kept, so that any replica resumes them."""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
@@ -133,6 +138,14 @@ _DOOR_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--handshake-rate-per-key", "TROUPE_HANDSHAKE_RATE_PER_KEY", int,
      "connections (and client secrets) per minute with one API key; more get HTTP "
      "429; 0: no limit"),
+]
+_REPLICA_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--resume-window", "TROUPE_RESUME_WINDOW", float,
+     "seconds a conversation whose connection dropped (or was closed by a drain) may be "
+     "resumed with its resume token; 0: never"),
+    ("--state-url", "TROUPE_STATE_URL", str,
+     "Redis URL (redis://host:port/db) where sessions' state is kept, so that any "
+     "replica can resume them; a URL with a password only from the environment"),
 ]
 _SANDBOX_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--sandbox-pool-size", "TROUPE_SANDBOX_POOL_SIZE", int,
@@ -210,6 +223,8 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     groups = [
         (parser, _OPTIONS, defaults),
         (door, _DOOR_OPTIONS, defaults),
+        (parser.add_argument_group("past one process (README: Past one process)"),
+         _REPLICA_OPTIONS, defaults),
         (parser.add_argument_group("sandbox"), _SANDBOX_OPTIONS, sandbox_defaults),
         (parser.add_argument_group("sandbox limits"), _LIMIT_OPTIONS, sandbox_defaults.limits),
     ]
@@ -291,12 +306,15 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
                                    no_auth=args.no_auth)
     if problem is not None:
         parser.error(problem)
+    if (problem := _state_url_problem(args.state_url, environ)) is not None:
+        parser.error(problem)
     limits = ChildLimits(**_values(args, _LIMIT_OPTIONS))
     sandbox = SandboxConfig(limits=limits, require_protections=args.require_sandbox,
                             **_values(args, _SANDBOX_OPTIONS))
     return Config(
         **_values(args, _OPTIONS),
         **_values(args, _DOOR_OPTIONS),
+        **_values(args, _REPLICA_OPTIONS),
         api_keys=args.api_keys,
         no_auth=args.no_auth,
         allowed_origins=tuple(origins),
@@ -304,6 +322,19 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         allowed_roots=tuple(root.resolve() for root in roots),
         sandbox=sandbox,
     )
+
+
+def _state_url_problem(url: str | None, environ: Mapping[str, str]) -> str | None:
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return (f"--state-url {parts.scheme or url!r}: not a Redis URL; give "
+                "redis://host:port/db (rediss:// with TLS, unix:///path.sock)")
+    if parts.password and environ.get("TROUPE_STATE_URL") != url:
+        return ("--state-url holds a password, and the command line can be read by other "
+                "processes (/proc/<pid>/cmdline); set TROUPE_STATE_URL instead")
+    return None
 
 
 def _variable(name: str) -> str:
