@@ -44,7 +44,8 @@ from .frontdoor import admin, auth
 from .frontdoor import routes as frontdoor
 from .frontdoor.auth import FrontDoor, Refused, Scope
 from .frontdoor.deadlines import Deadlines, watch
-from .realtime import dialects
+from .realtime import dialects, resume
+from .realtime.resume import Resumer
 from .realtime.session import Session
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ NO_SESSIONS = web.AppKey("no_sessions", asyncio.Event)
 FRONT_DOOR = web.AppKey("front_door", FrontDoor)
 LLM_BACKEND = web.AppKey("llm", Backend)
 SPEECH = web.AppKey("speech", SpeechBackends)
+RESUMER = web.AppKey("resumer", Resumer)
 
 
 def create_app(config: Config) -> web.Application:
@@ -80,6 +82,7 @@ def create_app(config: Config) -> web.Application:
     app[NO_SESSIONS] = asyncio.Event()
     app.cleanup_ctx.append(_front_door)
     app.cleanup_ctx.append(_sandbox_pool)
+    app.cleanup_ctx.append(_resumer)  # after the pool: kept sandboxes close before it
     app.cleanup_ctx.append(_language_model)
     app.cleanup_ctx.append(_speech)
     app.on_startup.append(_freeze_startup_objects)
@@ -140,6 +143,24 @@ async def _sandbox_pool(app: web.Application) -> AsyncIterator[None]:
     yield
     await voices.close()
     await pool.close()
+
+
+async def _resumer(app: web.Application) -> AsyncIterator[None]:
+    """Resume tokens, the sessions kept for them, and Redis when --state-url is set."""
+    config = app[CONFIG]
+    store = resume.RedisStore(config.state_url) if config.state_url else None
+    resumer = app[RESUMER] = Resumer(config.resume_window, store)
+    try:
+        await resumer.start()
+    except Exception as exc:
+        await resumer.close()
+        raise RuntimeError(f"--state-url: Redis does not answer ({exc}); start it, or fix "
+                           "the URL, or leave --state-url out (resume on this replica only)"
+                           ) from None
+    if store is not None:
+        log.info("sessions' state kept in Redis; any replica can resume them")
+    yield
+    await resumer.close()
 
 
 async def _language_model(app: web.Application) -> AsyncIterator[None]:

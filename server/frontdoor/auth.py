@@ -59,6 +59,7 @@ RefusalCode = Literal[
     "missing_api_key", "invalid_api_key", "client_secret_expired", "origin_not_allowed",
     "host_not_allowed", "invalid_subprotocol", "rate_limited", "server_full", "server_draining",
     "too_many_sessions", "admin_api_off", "admin_key_required", "invalid_value",
+    "resume_token_invalid", "resume_token_not_yours", "resume_unavailable",
 ]
 HOW_TO_SEND = (f"send Authorization: Bearer <key>, or (browsers) the subprotocols "
                f"'{SUBPROTOCOL}' and '{KEY_SUBPROTOCOL}<key or client secret>'")
