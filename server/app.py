@@ -339,7 +339,10 @@ async def health(request: web.Request) -> web.Response:
             "protections": pool.protections,
             "missing": pool.missing_protections,
         },
-        "sessions": {"active": len(app[SESSIONS]), "max": app[CONFIG].max_sessions},
+        "sessions": {"active": len(app[SESSIONS]), "max": app[CONFIG].max_sessions,
+                     "kept": app[RESUMER].kept},
+        "resume": {"window_s": app[CONFIG].resume_window,
+                   "shared": app[RESUMER].store is not None},
     }
     return web.json_response(body, status=200 if ok else 503)
 
