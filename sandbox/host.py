@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import msgspec
+
 from . import wire
 from .errors import CallFailed, LoadFailed, SandboxCrashed, SandboxError, SandboxTimeout
 from .pool import Pool, directory_fingerprint
@@ -52,18 +54,36 @@ async def _preload(pool: Pool, directory: str, max_characters: int) -> None:
     await pool.keep_warm(directory, max_characters, fingerprint, sandbox)
 
 
-class LoadReport:
-    """The outcome of loading one directory."""
+class LoadReport(msgspec.Struct, kw_only=True):
+    """The outcome of loading one directory: the one shape of a load result, which the
+    server turns into its WebSocket event and its HTTP answer without copying it."""
 
-    def __init__(
-        self, directory: str, loaded: wire.Loaded, errors: builtins.list[wire.FileError],
-        seconds: float,
-    ) -> None:
-        self.directory = directory  # the host's own word for it, not the child's
-        self.total_files = loaded.total_files
-        self.characters = loaded.characters
-        self.errors = sorted(errors, key=lambda error: error.file)
-        self.seconds = seconds
+    directory: str
+    """The host's own word for it, not the child's."""
+    total_files: int
+    characters: list[wire.CharacterInfo]
+    errors: list[wire.FileError]
+    """Files skipped, by file name: those the child reported and those that killed it."""
+    duration_ms: float
+
+    @classmethod
+    def of(
+        cls, directory: str, loaded: wire.Loaded, killers: list[wire.FileError], seconds: float
+    ) -> LoadReport:
+        """The report of the child's ``loaded``, with the files that killed earlier
+        children (``killers``), taking ``seconds``."""
+        return cls(
+            directory=directory,
+            total_files=loaded.total_files,
+            characters=loaded.characters,
+            errors=sorted(killers + loaded.errors, key=lambda error: error.file),
+            duration_ms=_milliseconds(seconds),
+        )
+
+
+def _milliseconds(seconds: float) -> float:
+    """``seconds`` as milliseconds rounded to 0.01, as load results report them."""
+    return round(seconds * 1000, 2)
 
 
 class _ChildLost(Exception):
@@ -132,9 +152,9 @@ class Sandbox:
             self._directory = directory
             self._max_characters = max_characters
             self._excluded = [error.file for error in errors]
-            self.report = LoadReport(directory, loaded, errors + loaded.errors,
-                                     time.perf_counter() - started)
-            self._observer.call("load", self.report.seconds)
+            seconds = time.perf_counter() - started
+            self.report = LoadReport.of(directory, loaded, errors, seconds)
+            self._observer.call("load", seconds)
             return self.report
 
     async def _take_over(self, warm: Sandbox, started: float) -> LoadReport:
@@ -148,9 +168,10 @@ class Sandbox:
             self._adopt(child)
             self._directory, self._max_characters = warm._directory, warm._max_characters
             self._excluded = warm._excluded
-            report.seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            report.duration_ms = _milliseconds(seconds)
             self.report = report
-            self._observer.call("load", report.seconds)
+            self._observer.call("load", seconds)
             return report
 
     @property

@@ -39,7 +39,7 @@ from .backends.llm_backend import Backend
 from .backends.speech_backends import SpeechBackends
 from .config import Config
 from .conversation.characters import CharacterSet
-from .errors import TroupeError
+from .errors import ServerSideError, TroupeError
 from .frontdoor import admin, auth
 from .frontdoor import routes as frontdoor
 from .frontdoor.auth import FrontDoor, Refused, Scope
@@ -374,7 +374,7 @@ async def reload_voices(request: web.Request) -> web.Response:
     try:
         loaded = await voices.load("default")
     except TroupeError as exc:
-        status = 500 if exc.error_type == "server_error" else 422
+        status = 500 if isinstance(exc, ServerSideError) else 422
         return web.json_response(
             {"error": {"type": exc.error_type, "code": exc.code, "message": exc.message,
                        "details": exc.details}},
@@ -382,18 +382,7 @@ async def reload_voices(request: web.Request) -> web.Response:
         )
     finally:
         voices.retire()
-    return web.json_response({
-        "directory": loaded.directory,
-        "loaded_count": len(loaded.characters),
-        "error_count": len(loaded.errors),
-        "total_files": loaded.total_files,
-        "characters": [{"name": c.name, "good": c.good, "comment": c.comment}
-                       for c in loaded.characters],
-        "errors": [{"file": e.file, "error_type": e.error_type, "message": e.message}
-                   for e in loaded.errors],
-        "duration_ms": loaded.duration_ms,
-        "deprecated": True,
-    }, headers=headers)
+    return web.json_response(loaded.fields() | {"deprecated": True}, headers=headers)
 
 
 async def list_sessions(request: web.Request) -> web.Response:

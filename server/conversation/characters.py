@@ -5,6 +5,10 @@
       (any refusal raises TroupeError and leaves the current set as it was)
     retire(): kill the previous sandbox, after the client has its answer
 
+A load's result is one shape, ``Loaded`` (the sandbox's ``LoadReport``, timed from the
+request), turned once into the WebSocket event (``event()``) and once into the HTTP
+answer (``fields()``, the event's fields without its envelope).
+
 Used by each session and by the server-wide set behind ``/v1/voices``.
 """
 
@@ -13,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
+
+import msgspec
 
 from sandbox import (
     CharacterInfo,
-    FileError,
     LoadReport,
     Pool,
     Sandbox,
@@ -27,19 +32,37 @@ from sandbox import (
 from .. import metrics
 from ..config import Config
 from ..errors import TroupeError, from_sandbox
-from ..realtime import dialects
+from ..realtime import dialects, protocol
 from . import directories
 
 
-@dataclass(frozen=True)
-class Loaded:
-    """What a successful load reports to the client."""
+class Loaded(LoadReport, kw_only=True):
+    """What a successful load reports to the client: the sandbox's report, with
+    ``duration_ms`` counted from the request (resolving the path included)."""
 
-    directory: str
-    total_files: int
-    characters: list[CharacterInfo]
-    errors: list[FileError]
-    duration_ms: float
+    def event(self) -> protocol.CharactersReloaded:
+        """The ``session.characters.reloaded`` event (DESIGN.md §2)."""
+        return protocol.CharactersReloaded(
+            directory=self.directory,
+            loaded_count=len(self.characters),
+            error_count=len(self.errors),
+            total_files=self.total_files,
+            characters=summaries(self.characters),
+            errors=self.errors,
+            duration_ms=self.duration_ms,
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """The event's fields as JSON-ready builtins, without ``type`` and ``event_id``:
+        the body of the HTTP reload's answer."""
+        fields: dict[str, Any] = msgspec.to_builtins(self.event())
+        del fields["type"], fields["event_id"]
+        return fields
+
+
+def summaries(characters: list[CharacterInfo]) -> list[protocol.CharacterSummary]:
+    """What clients see of each character: its name, ``good`` and ``comment``."""
+    return [protocol.CharacterSummary(c.name, c.good, c.comment) for c in characters]
 
 
 class CharacterSet:
@@ -65,6 +88,15 @@ class CharacterSet:
     @property
     def directory(self) -> str:
         return self.report.directory if self.report is not None else ""
+
+    def listed(self, characters: list[CharacterInfo]) -> protocol.CharactersListed:
+        """The ``session.characters.listed`` event for ``characters``, as the set's
+        sandbox listed them."""
+        return protocol.CharactersListed(
+            directory=self.directory,
+            character_count=len(characters),
+            characters=summaries(characters),
+        )
 
     def find(self, voice: str) -> CharacterInfo | None:
         """The character named ``voice``, else the one whose voice path is ``voice``:
@@ -120,20 +152,21 @@ class CharacterSet:
                 "character; see details.errors",
                 param="directory",
                 details={"total_files": report.total_files,
-                         "errors": [_error_dict(error) for error in report.errors]},
+                         "errors": msgspec.to_builtins(report.errors)},
             )
-        if self.sandbox is not None:
-            self._retired.append(self.sandbox)
-        self.sandbox, self.report = sandbox, report
         duration = time.perf_counter() - started
-        metrics.CHARACTER_RELOAD_DURATION.observe(duration)
-        return Loaded(
+        loaded = Loaded(
             directory=report.directory,
             total_files=report.total_files,
             characters=report.characters,
             errors=report.errors,
             duration_ms=round(duration * 1000, 2),
         )
+        if self.sandbox is not None:
+            self._retired.append(self.sandbox)
+        self.sandbox, self.report = sandbox, loaded
+        metrics.CHARACTER_RELOAD_DURATION.observe(duration)
+        return loaded
 
     def retire(self) -> None:
         """Kill the sandboxes that loads have replaced, in the background: the next
@@ -149,8 +182,4 @@ class CharacterSet:
         if self.sandbox is not None:
             await self.sandbox.close()
             self.sandbox = None
-
-
-def _error_dict(error: FileError) -> dict[str, str]:
-    return {"file": error.file, "error_type": error.error_type, "message": error.message}
 

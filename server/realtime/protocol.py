@@ -18,6 +18,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from sandbox import FileError
+
 # ── client → server ──────────────────────────────────────────────────────────
 
 
@@ -245,10 +247,9 @@ class CharacterSummary(msgspec.Struct):
     comment: str | None
 
 
-class LoadError(msgspec.Struct):
-    file: str
-    error_type: str
-    message: str
+LoadError = FileError
+"""A file a load skipped, exactly as the sandbox reported it: ``file``, ``error_type``,
+``message``."""
 
 
 class CharactersReloaded(ServerEvent, tag="session.characters.reloaded"):
