@@ -207,6 +207,9 @@ class Pool:
         for child in list(self._live):
             await self.release(child)
         self._idle.clear()
+        # Kills whose callers were cancelled still reap in the background: their
+        # children's pidfds close before the zygote goes.
+        await asyncio.gather(*self._spawner.reaping, return_exceptions=True)
         self._spawner.close()
 
     async def _spawn(self) -> ChildProcess:

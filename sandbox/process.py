@@ -64,6 +64,9 @@ class Spawner:
         self._exits: dict[int, asyncio.Future[int | None]] = {}
         self._lock = asyncio.Lock()
         self._decoder = msgspec.msgpack.Decoder(zygote.FromZygote)
+        self.reaping: set[asyncio.Future[None]] = set()
+        """Reaps of its children in progress, kept here so that a cancelled
+        ``ChildProcess.kill`` still finishes its own."""
 
     @property
     def pid(self) -> int | None:
@@ -121,7 +124,7 @@ class Spawner:
                 os.close(answer.result()[1])
             raise
         ours.setblocking(False)
-        return ChildProcess(pid, pidfd, ours, exited)
+        return ChildProcess(pid, pidfd, ours, exited, self.reaping)
 
     def close(self) -> None:
         """Stop the zygote: closing its socket makes it kill the children it still has
@@ -219,12 +222,14 @@ class ChildProcess:
     """One started child and its channel. One request at a time (callers serialise)."""
 
     def __init__(
-        self, pid: int, pidfd: int, channel: socket.socket, exited: asyncio.Future[int | None]
+        self, pid: int, pidfd: int, channel: socket.socket, exited: asyncio.Future[int | None],
+        reaping: set[asyncio.Future[None]],
     ) -> None:
         self.pid = pid
         self._pidfd = pidfd
         self._sock = channel
         self._exited = exited
+        self._reaping = reaping
         self._loop = asyncio.get_running_loop()
         self._frames = wire.FrameBuffer()
         self._waiting: dict[int, asyncio.Queue[wire.Reply | None]] = {}
@@ -370,7 +375,7 @@ class ChildProcess:
         """SIGKILL the child, close the channel, and wait until it is reaped.
 
         Cancelling the caller does not stop the reaping: it runs in a shielded task
-        that the module keeps until the process is gone and its fds are closed.
+        that the spawner keeps until the process is gone and its fds are closed.
         """
         if self._closed:
             return
@@ -379,8 +384,8 @@ class ChildProcess:
         _kill_pidfd(self._pidfd)
         self._sock.close()
         reaping = asyncio.ensure_future(self._reap())
-        _reaping.add(reaping)
-        reaping.add_done_callback(_reaping.discard)
+        self._reaping.add(reaping)
+        reaping.add_done_callback(self._reaping.discard)
         await asyncio.shield(reaping)
 
     async def _reap(self) -> None:
@@ -441,10 +446,6 @@ class ChildProcess:
                 replies.put_nowait(None)
             if not self._waiting and not self._closed and self.on_idle_death is not None:
                 self.on_idle_death(reason)
-
-
-_reaping: set[asyncio.Future[None]] = set()
-"""Reaps in progress, kept here so that a cancelled ``kill`` still finishes its own."""
 
 
 def _kill_pidfd(pidfd: int) -> None:
