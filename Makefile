@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench loadtest fuzz chaos clean
+.PHONY: install run test lint bench loadtest fuzz chaos cluster clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ chaos: $(STAMP)
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP)
 	TROUPE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py --timeout=0 $(ARGS)
+
+## cluster: N replicas (default: one per core) behind HAProxy with Redis on 127.0.0.1
+##          (deploy/haproxy.cfg); Ctrl-C stops everything; e.g. make cluster N=3
+##          ARGS="--port 8080 --server-arg=--max-sessions=60 --loadtest-backends"
+cluster: $(STAMP)
+	@PATH="$$PATH:/usr/sbin:/sbin" command -v haproxy >/dev/null || { \
+	  echo "make cluster needs HAProxy and Redis: apt-get install haproxy redis-server"; exit 1; }
+	$(PY) -m scripts.cluster $(if $(N),--replicas $(N)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
