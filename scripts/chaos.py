@@ -40,13 +40,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the fakes, the proxy and the checks live there
-
-from fake_kyutai import FakeKyutaiTTS  # noqa: E402
-from fake_kyutai_stt import FakeKyutaiSTT  # noqa: E402
-from fake_openai import FakeOpenAI, Reply, call, text, tool_calls  # noqa: E402
-from fault_checks import (  # noqa: E402
+from sandbox import ChildLimits, SandboxConfig
+from server.app import LLM_BACKEND, POOL, SESSIONS, SPEECH, create_app
+from server.backends.embedded import llm as embedded_llm
+from server.config import Config
+from tests.fakes.fault_proxy import Cut, Fault, FaultProxy, Latency, Refuse, Reset, Stall
+from tests.fakes.kyutai_stt import FakeKyutaiSTT
+from tests.fakes.kyutai_tts import FakeKyutaiTTS
+from tests.fakes.openai_chat import FakeOpenAI, Reply, call, text, tool_calls
+from tests.fault_checks import (
     Watched,
     codes,
     cpu_ticks,
@@ -59,13 +61,8 @@ from fault_checks import (  # noqa: E402
     speak,
     status,
 )
-from fault_proxy import Cut, Fault, FaultProxy, Latency, Refuse, Reset, Stall  # noqa: E402
 
-from sandbox import ChildLimits, SandboxConfig  # noqa: E402
-from server.app import LLM_BACKEND, POOL, SESSIONS, SPEECH, create_app  # noqa: E402
-from server.backends.embedded import llm as embedded_llm  # noqa: E402
-from server.config import Config  # noqa: E402
-
+REPO = Path(__file__).resolve().parent.parent
 BACKEND_TIMEOUT = 1.5
 WORDS = [f"word{n} " for n in range(12)]
 TURN_BOUND = 30.0

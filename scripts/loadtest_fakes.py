@@ -31,17 +31,12 @@ import math
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
-# The fakes live beside the tests and import each other as top-level modules.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from fake_kyutai import FakeKyutaiTTS
-from fake_kyutai_stt import (
+from tests.fakes.kyutai_stt import (
     FRAME_SAMPLES,
     FRAME_SEC,
     OTHER_HEADS,
@@ -51,7 +46,8 @@ from fake_kyutai_stt import (
     Connection,
     FakeKyutaiSTT,
 )
-from fake_openai import FakeOpenAI, Reply, text
+from tests.fakes.kyutai_tts import FakeKyutaiTTS
+from tests.fakes.openai_chat import FakeOpenAI, Reply, text
 
 KEEP = 32
 """Connection records each fake keeps (the tests' fakes keep all of them)."""

@@ -26,6 +26,10 @@ from sandbox import ChildLimits, SandboxConfig
 from server.app import create_app
 from server.config import Config
 
+# The fake backends' fixtures (fake_kyutai_stt, fake_kyutai_tts, fake_openai), for
+# every test that names one.
+pytest_plugins = ["tests.fakes.kyutai_stt", "tests.fakes.kyutai_tts", "tests.fakes.openai_chat"]
+
 SCALE = float(os.environ.get("TROUPE_TEST_TIMEOUT_SCALE", "1"))
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,14 +17,10 @@ import soundfile
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import REPO, SCALE, MakeServer, character_source, free_port, write_directory
-from fake_kyutai import FakeKyutaiTTS, fake_kyutai_tts_fixture, tone  # noqa: F401
-from fake_kyutai_stt import FakeKyutaiSTT, fake_kyutai_stt_fixture  # noqa: F401
-from fake_openai import (
-    FakeOpenAI,
-    failure,
-    fake_openai_fixture,  # noqa: F401
-    text,
-)
+
+from tests.fakes.kyutai_stt import FakeKyutaiSTT
+from tests.fakes.kyutai_tts import FakeKyutaiTTS, tone
+from tests.fakes.openai_chat import FakeOpenAI, failure, text
 
 NOWHERE = "ws://127.0.0.1:9/v1/realtime?model=t"
 """A URL nothing listens on: a run that stops before connecting never notices."""

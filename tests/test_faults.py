@@ -31,9 +31,6 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import SCALE, MakeServer, character_source, write_directory
-from fake_kyutai import FakeKyutaiTTS
-from fake_kyutai_stt import FakeKyutaiSTT
-from fake_openai import FakeOpenAI, Reply, call, stall, text, tool_calls
 from fault_checks import (
     FRAME,
     Watched,
@@ -49,12 +46,15 @@ from fault_checks import (
     speak,
     status,
 )
-from fault_proxy import Cut, Fault, FaultProxy, Latency, Refuse, Reset, Stall
 
 from server.app import LLM_BACKEND, POOL, SESSIONS, SPEECH, VOICES
 from server.backends.embedded import llm as embedded_llm
 from server.backends.embedded import stt as embedded_stt
 from server.config import Config
+from tests.fakes.fault_proxy import Cut, Fault, FaultProxy, Latency, Refuse, Reset, Stall
+from tests.fakes.kyutai_stt import FakeKyutaiSTT
+from tests.fakes.kyutai_tts import FakeKyutaiTTS
+from tests.fakes.openai_chat import FakeOpenAI, Reply, call, stall, text, tool_calls
 
 BACKEND_TIMEOUT = 1.5 * SCALE
 """How long the server waits on a silent backend here (seconds in production)."""

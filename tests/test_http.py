@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import SCALE, Connect, MakeServer, character_source, free_port, write_directory
-from fake_kyutai_stt import FakeKyutaiSTT, fake_kyutai_stt_fixture  # noqa: F401
 
 from server.config import Config, parse
+from tests.fakes.kyutai_stt import FakeKyutaiSTT
 
 SESSION_SERIES = re.compile(r'^session_character_count\{session_id="([^"]+)"\} (\S+)$', re.M)
 

@@ -21,7 +21,6 @@ import pytest
 import soundfile
 from aiohttp.test_utils import TestClient
 from conftest import REPO, SCALE
-from fake_kyutai_stt import PAUSE_HEAD, PAUSED, SPEAKING
 
 from scripts import loadtest
 from scripts.loadtest_audio import (
@@ -50,6 +49,7 @@ from scripts.loadtest_sessions import (
     reload_and_check,
 )
 from scripts.loadtest_stats import Budget, Recorder, Series, passed, percentile, summary
+from tests.fakes.kyutai_stt import PAUSE_HEAD, PAUSED, SPEAKING
 
 REQUIRED = (
     "scenario", "sessions_requested", "sessions_held", "isolation_violations",

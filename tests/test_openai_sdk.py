@@ -27,9 +27,6 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import SCALE, MakeServer
-from fake_kyutai import FakeKyutaiTTS, fake_kyutai_tts_fixture, tone  # noqa: F401
-from fake_kyutai_stt import FakeKyutaiSTT, fake_kyutai_stt_fixture  # noqa: F401
-from fake_openai import FakeOpenAI, fake_openai_fixture, text  # noqa: F401
 from openai import AsyncOpenAI
 from openai.types.beta.realtime.realtime_server_event import (
     RealtimeServerEvent as BetaServerEvent,
@@ -37,6 +34,10 @@ from openai.types.beta.realtime.realtime_server_event import (
 from openai.types.realtime.realtime_server_event import RealtimeServerEvent as GAServerEvent
 from openai.types.realtime.realtime_session_create_request import RealtimeSessionCreateRequest
 from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from tests.fakes.kyutai_stt import FakeKyutaiSTT
+from tests.fakes.kyutai_tts import FakeKyutaiTTS, tone
+from tests.fakes.openai_chat import FakeOpenAI, text
 
 MODEL = "m"
 WITHIN = 20.0 * SCALE

@@ -18,13 +18,13 @@ from conftest import (
     error_code,
     write_directory,
 )
-from fake_kyutai import FakeKyutaiTTS, fake_kyutai_tts_fixture  # noqa: F401
-from fake_kyutai_stt import FakeKyutaiSTT, fake_kyutai_stt_fixture  # noqa: F401
-from fake_openai import (
+
+from tests.fakes.kyutai_stt import FakeKyutaiSTT
+from tests.fakes.kyutai_tts import FakeKyutaiTTS
+from tests.fakes.openai_chat import (
     FakeOpenAI,
     call,
     failure,
-    fake_openai_fixture,  # noqa: F401
     stall,
     text,
     tool_calls,

@@ -30,15 +30,15 @@ import numpy.typing as npt
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import SCALE, MakeServer, character_source, write_directory
-from fake_kyutai import FakeKyutaiTTS, fake_kyutai_tts_fixture, tone  # noqa: F401
-from fake_kyutai_stt import FakeKyutaiSTT, fake_kyutai_stt_fixture  # noqa: F401
-from fake_openai import FakeOpenAI, fake_openai_fixture, stall, text  # noqa: F401
 from pydantic import BaseModel, ValidationError
 
 from server.app import SESSIONS
 from server.audio.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder
 from server.realtime import protocol
 from server.realtime.dialects import Dialect, accepts
+from tests.fakes.kyutai_stt import FakeKyutaiSTT
+from tests.fakes.kyutai_tts import FakeKyutaiTTS, tone
+from tests.fakes.openai_chat import FakeOpenAI, stall, text
 
 WITHIN = 20.0 * SCALE
 VOICE = "Wren"

@@ -23,13 +23,13 @@ from typing import Any, Literal
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import REPO, MakeServer
-from fake_kyutai import FakeKyutaiTTS, fake_kyutai_tts_fixture  # noqa: F401
-from fake_openai import FakeOpenAI, fake_openai_fixture, text  # noqa: F401
 from pydantic import BaseModel, ConfigDict, Field
 from test_unmute import INSTRUCTIONS, Unmute
 
 from server.app import VOICES
 from server.realtime import dialects
+from tests.fakes.kyutai_tts import FakeKyutaiTTS
+from tests.fakes.openai_chat import FakeOpenAI, text
 
 SHIPPED = [REPO / "characters"]
 """Every character directory the repository ships."""

@@ -11,8 +11,8 @@ It speaks the wire protocol of OpenAI's API exactly (chunk shapes, error bodies,
 real ``openai`` SDK. Each request takes one scripted reply; when none is left the
 request fails with a 500 saying so (marked not retryable).
 
-A test module gets the ``fake_openai`` fixture with
-``from fake_openai import fake_openai_fixture``, or uses ``FakeOpenAI`` directly.
+Every test gets the ``fake_openai`` fixture (``tests/conftest.py`` lists this module in
+``pytest_plugins``), or uses ``FakeOpenAI`` directly.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from loopback import serve
+
+from .loopback import serve
 
 # ── the script ───────────────────────────────────────────────────────────────
 
@@ -256,7 +257,7 @@ class _Chunks:
 @pytest.fixture(name="fake_openai")
 async def fake_openai_fixture() -> AsyncIterator[FakeOpenAI]:
     """``fake_openai``: a started ``FakeOpenAI`` serving one model, ``fake-model``, at
-    ``fake_openai.base_url``. Import ``fake_openai_fixture`` to use it."""
+    ``fake_openai.base_url``."""
     fake = FakeOpenAI()
     await fake.start()
     yield fake

@@ -17,8 +17,8 @@ Failure modes, set before the client connects: ``refuse`` (no free channel, the
 capacity error), ``drop_after_words`` (the TCP connection is cut after that many
 words were spoken), ``stall`` (takes the words, never answers nor closes).
 
-A test module gets the ``fake_kyutai_tts`` fixture with
-``from fake_kyutai import fake_kyutai_tts_fixture``, or uses ``FakeKyutaiTTS`` directly.
+Every test gets the ``fake_kyutai_tts`` fixture (``tests/conftest.py`` lists this module
+in ``pytest_plugins``), or uses ``FakeKyutaiTTS`` directly.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import msgspec
 import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
-from loopback import build_info, serve
+
+from .loopback import build_info, serve
 
 SAMPLE_RATE = 24000
 FRAME = 1920
@@ -199,7 +200,7 @@ def _array_header(length: int) -> bytes:
 @pytest.fixture(name="fake_kyutai_tts")
 async def fake_kyutai_tts_fixture() -> AsyncIterator[FakeKyutaiTTS]:
     """``fake_kyutai_tts``: a started ``FakeKyutaiTTS`` accepting ``public_token`` at
-    ``fake_kyutai_tts.url``. Import ``fake_kyutai_tts_fixture`` to use it."""
+    ``fake_kyutai_tts.url``."""
     fake = FakeKyutaiTTS()
     await fake.start()
     yield fake

@@ -18,8 +18,8 @@ close when no slot is free, and a message it cannot parse ends the connection.
 Failure modes: ``at_capacity``, ``ready=False`` (the plain ``Asr`` module, which
 never says Ready), ``drop_after_sec`` (connection cut, or closed cleanly, mid-stream).
 
-A test module gets the ``fake_kyutai_stt`` fixture with
-``from fake_kyutai_stt import fake_kyutai_stt_fixture``, or uses ``FakeKyutaiSTT``.
+Every test gets the ``fake_kyutai_stt`` fixture (``tests/conftest.py`` lists this module
+in ``pytest_plugins``), or uses ``FakeKyutaiSTT`` directly.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Any
 import msgspec
 import pytest
 from aiohttp import WSCloseCode, WSMsgType, web
-from loopback import build_info, serve
+
+from .loopback import build_info, serve
 
 FRAME_SAMPLES = 1920
 FRAME_SEC = FRAME_SAMPLES / 24_000
@@ -224,8 +225,7 @@ async def _send(ws: web.WebSocketResponse, message: dict[str, Any]) -> None:
 @pytest.fixture(name="fake_kyutai_stt")
 async def fake_kyutai_stt_fixture() -> AsyncIterator[FakeKyutaiSTT]:
     """``fake_kyutai_stt``: a started ``FakeKyutaiSTT`` accepting the key
-    ``public_token``, at ``fake_kyutai_stt.url``; script it before connecting.
-    Import ``fake_kyutai_stt_fixture`` to use it."""
+    ``public_token``, at ``fake_kyutai_stt.url``; script it before connecting."""
     fake = FakeKyutaiSTT()
     await fake.start()
     yield fake
