@@ -87,8 +87,8 @@ from scripts.bench import (
     proc_stat,
 )
 from server.app import create_app
+from server.audio.pcm import pcm16_bytes
 from server.backends.embedded.tts import EmbeddedTTS, phrases
-from server.backends.kyutai.tts import pcm16_bytes
 from server.config import EMBEDDED, Config
 
 # The protocol fakes live with the tests and import each other as top-level modules

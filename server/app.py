@@ -35,8 +35,8 @@ from prometheus_async.aio.web import server_stats
 from sandbox import Pool
 
 from . import metrics
-from .backends.llm_backend import Backend
-from .backends.speech_backends import SpeechBackends
+from .backends.configured_llm import Backend
+from .backends.configured_speech import SpeechBackends
 from .config import Config
 from .conversation.characters import CharacterSet
 from .errors import ServerSideError, TroupeError

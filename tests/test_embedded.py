@@ -19,9 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import SCALE, Realtime
 
 from server.app import create_app
+from server.audio.pcm import pcm16_bytes
 from server.audio.resampling import StreamResampler
 from server.backends.embedded.tts import EmbeddedTTS, phrases
-from server.backends.kyutai.tts import pcm16_bytes
 from server.config import Config
 
 pytestmark = pytest.mark.timeout(300)

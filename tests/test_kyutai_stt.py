@@ -14,20 +14,10 @@ from fake_kyutai_stt import (
     fake_kyutai_stt_fixture,  # noqa: F401 -- registers the fake_kyutai_stt fixture
 )
 
-from server.backends.kyutai.stt import (
-    FRAME_SAMPLES,
-    SAMPLE_RATE,
-    SETTLE_STEPS,
-    EndWord,
-    Event,
-    Flushed,
-    KyutaiSTT,
-    Pause,
-    STTStream,
-    Word,
-    pcm16_to_float,
-)
-from server.backends.llm import BackendUnavailable
+from server.audio.pcm import SAMPLE_RATE, pcm16_to_float
+from server.backends.errors import BackendUnavailable
+from server.backends.kyutai.stt import FRAME_SAMPLES, SETTLE_STEPS, KyutaiSTT
+from server.backends.speech import EndWord, Event, Flushed, Pause, STTStream, Word
 
 CHUNK_SEC = 0.1
 """What a client sends at a time: 2400 samples, not a whole number of frames."""

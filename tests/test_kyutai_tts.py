@@ -17,16 +17,10 @@ from fake_kyutai import (
     tone,
 )
 
-from server.backends.kyutai.tts import (
-    SAMPLE_RATE,
-    AudioChunk,
-    KyutaiTTS,
-    SpokenWord,
-    TtsEvent,
-    pcm16_bytes,
-    words,
-)
-from server.backends.llm import BackendUnavailable
+from server.audio.pcm import SAMPLE_RATE, pcm16_bytes
+from server.backends.errors import BackendUnavailable
+from server.backends.kyutai.tts import KyutaiTTS, words
+from server.backends.speech import AudioChunk, SpokenWord, TtsEvent
 
 VOICE = "unmute-prod-website/p329_022.wav"
 

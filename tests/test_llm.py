@@ -19,16 +19,11 @@ from fake_openai import (
     tool_calls,
 )
 
-from server.backends.llm import (
-    LLM,
-    TOO_MANY_TOOL_ROUNDS,
-    BackendUnavailable,
-    BuiltinResponder,
-    OpenAICompatibleLLM,
-    TextDelta,
-    ToolCallRequest,
-    respond,
-)
+from server.backends.builtin.responder import BuiltinResponder
+from server.backends.errors import BackendUnavailable
+from server.backends.llm import LLM, TextDelta, ToolCallRequest
+from server.backends.openai.chat import OpenAICompatibleLLM
+from server.backends.tool_loop import TOO_MANY_TOOL_ROUNDS, respond
 
 WEATHER = [{
     "type": "function",

@@ -9,7 +9,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server.audio.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusDecoder, OpusEncoder
+from server.audio.opus import FRAME_SAMPLES, OpusDecoder, OpusEncoder
+from server.audio.pcm import SAMPLE_RATE
 
 Samples = npt.NDArray[np.float32]
 

@@ -1,1 +1,2 @@
-"""Audio formats: Ogg Opus in and out, sample-rate conversion."""
+"""Audio inside the server: the sample rate and pcm16 helpers (``pcm``), Ogg Opus in
+and out (``opus``), sample-rate conversion (``resampling``)."""

@@ -40,15 +40,13 @@ from __future__ import annotations
 from typing import Final, Protocol
 
 import numpy as np
-import numpy.typing as npt
 import sphn  # no py.typed (setup.cfg lets mypy skip it); typed by the Protocols below
 
-SAMPLE_RATE: Final = 24_000
+from .pcm import SAMPLE_RATE, Samples
+
 # sphn's writer cuts 40 ms packets at 24 kHz; handing it whole ones keeps nothing
 # hidden inside it, so flush() knows exactly what is left to pad.
 FRAME_SAMPLES: Final = 960
-
-Samples = npt.NDArray[np.float32]
 
 _CAPTURE: Final = b"OggS"
 _HEADER_BYTES: Final = 27  # fixed part of an Ogg page header, before the lacing values

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import numpy.typing as npt
 
-Samples = npt.NDArray[np.float32]
+from .pcm import Samples
 
 
 def resample(samples: Samples, rate: int, to: int) -> Samples:

@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..audio.opus import OpusDecoder
-from ..backends.kyutai.stt import Flushed, Pause, Word, pcm16_to_float
-from ..backends.llm import BackendUnavailable
-from ..backends.speech import SAMPLE_RATE, SpeechToText, STTStream
+from ..audio.pcm import SAMPLE_RATE, pcm16_to_float
+from ..backends.errors import BackendUnavailable
+from ..backends.speech import Flushed, Pause, SpeechToText, STTStream, Word
 from ..errors import TroupeError
 from ..realtime import protocol
 from .turns import Action, TurnTaking

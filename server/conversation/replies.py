@@ -32,10 +32,12 @@ from typing import Any, Protocol
 from sandbox import CallFailed, Sandbox, SandboxError
 
 from .. import metrics
-from ..audio.opus import OpusEncoder, Samples
-from ..backends.kyutai.tts import AudioChunk, pcm16_bytes
-from ..backends.llm import LLM, BackendUnavailable, respond
-from ..backends.speech import SAMPLE_RATE, TextToSpeech
+from ..audio.opus import OpusEncoder
+from ..audio.pcm import SAMPLE_RATE, Samples, pcm16_bytes
+from ..backends.errors import BackendUnavailable
+from ..backends.llm import LLM
+from ..backends.speech import AudioChunk, TextToSpeech
+from ..backends.tool_loop import respond
 from ..errors import ServerSideError, TroupeError, from_sandbox
 from ..realtime import protocol
 from .history import Conversation

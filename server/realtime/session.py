@@ -54,7 +54,8 @@ from sandbox import CharacterInfo, Pool, SandboxError
 
 from .. import metrics
 from ..audio.opus import OpusDecoder
-from ..backends.llm import LLM, BackendUnavailable
+from ..backends.errors import BackendUnavailable
+from ..backends.llm import LLM
 from ..backends.speech import SpeechToText, TextToSpeech
 from ..config import Config
 from ..conversation import replies

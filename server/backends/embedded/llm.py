@@ -31,7 +31,8 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from ..llm import BackendUnavailable, StreamItem, TextDelta
+from ..errors import BackendUnavailable
+from ..llm import StreamItem, TextDelta
 from . import llm_worker
 from .workers import WorkerProcess
 

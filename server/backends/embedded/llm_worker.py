@@ -26,7 +26,9 @@ from typing import Any, BinaryIO, cast
 
 import msgspec
 
-from .workers import NICENESS, frame, protocol_stdout, read
+from sandbox import wire
+
+from .workers import NICENESS, protocol_stdout, read
 
 MAX_TOKENS = 32
 """Tokens after which the reply ends at the next sentence end."""
@@ -42,7 +44,7 @@ _SENTENCE_END = re.compile(r"[.!?…][\"')\]]*(?:\s|$)")
 _CLAUSE_END = re.compile(r"[,;:]")
 
 
-class Generate(msgspec.Struct, tag=True):
+class Generate(wire.Message):
     id: int
     messages: list[dict[str, str]]
     temperature: float
@@ -51,24 +53,24 @@ class Generate(msgspec.Struct, tag=True):
     chose a character, its first reply will not wait for its system prompt."""
 
 
-class Cancel(msgspec.Struct, tag=True):
+class Cancel(wire.Message):
     id: int
 
 
-class Ready(msgspec.Struct, tag=True):
+class Ready(wire.Message):
     model: str
 
 
-class Token(msgspec.Struct, tag=True):
+class Token(wire.Message):
     id: int
     text: str
 
 
-class Done(msgspec.Struct, tag=True):
+class Done(wire.Message):
     id: int
 
 
-class Failed(msgspec.Struct, tag=True):
+class Failed(wire.Message):
     id: int
     """0: the worker itself failed (e.g. the model did not load)."""
     message: str
@@ -98,7 +100,7 @@ class _Worker:
 
     def send(self, message: Reply) -> None:
         with self._lock:
-            self._out.write(frame(message))
+            self._out.write(wire.encode(message))
             self._out.flush()
 
     def read_requests(self, stream: BinaryIO) -> None:
@@ -165,7 +167,7 @@ def main() -> None:
     try:
         worker = _Worker(out, model_path, threads)
     except Exception as exc:
-        out.write(frame(Failed(0, f"the model did not load: {type(exc).__name__}: {exc}")))
+        out.write(wire.encode(Failed(0, f"the model did not load: {type(exc).__name__}: {exc}")))
         out.flush()
         sys.exit(1)
     worker.send(Ready(os.path.basename(model_path)))

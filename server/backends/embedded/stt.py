@@ -9,10 +9,10 @@ picked as the one with the fewest streams. A worker that dies, or answers nothin
 ``STALL_TIMEOUT`` seconds while audio waits (it is then killed), fails its streams
 with ``backend_unavailable``; the next stream starts a new one.
 
-The events are those of Kyutai's STT (``Word``, ``Pause``, ``Flushed``), so the
-session and the turn-taking do not know which one they hear: Silero says how likely
-each 32 ms frame is speech, and the turn-taking holds a pause for ``PAUSE_HOLD``
-seconds before it ends the person's turn.
+The events are the interface's (``Word``, ``Pause``, ``Flushed``, as Kyutai's STT
+yields them too), so the session and the turn-taking do not know which one they
+hear: Silero says how likely each 32 ms frame is speech, and the turn-taking holds a
+pause for ``PAUSE_HOLD`` seconds before it ends the person's turn.
 
 pocketsphinx's en-US model is English only and small: it hears short, plain
 sentences well and the rest approximately.
@@ -31,8 +31,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 import numpy.typing as npt
 
-from ..kyutai.stt import Event, Flushed, Pause, Word
-from ..llm import BackendUnavailable
+from ..errors import BackendUnavailable
+from ..speech import Event, Flushed, Pause, Word
 from . import stt_worker
 from .workers import WorkerProcess
 

@@ -28,12 +28,13 @@ from typing import Any
 
 import msgspec
 import numpy as np
-import numpy.typing as npt
 
+from sandbox import wire
+
+from ...audio.pcm import SAMPLE_RATE, Samples
 from ...audio.resampling import StreamResampler
-from .workers import NICENESS, frame, protocol_stdout, read
+from .workers import NICENESS, protocol_stdout, read
 
-SAMPLE_RATE = 24_000
 DECODER_RATE = 16_000
 VAD_FRAME = 512
 """Samples at 16 kHz per Silero frame (32 ms)."""
@@ -53,41 +54,39 @@ PRELOADED_DECODERS = 2
 MAX_IDLE_DECODERS = 6
 """Decoders kept loaded while nobody speaks; more are freed after a peak."""
 
-Samples = npt.NDArray[np.float32]
-
 
 # ── the wire ─────────────────────────────────────────────────────────────────
 
 
-class Open(msgspec.Struct, tag=True):
+class Open(wire.Message):
     stream: int
 
 
-class Audio(msgspec.Struct, tag=True):
+class Audio(wire.Message):
     stream: int
     pcm: bytes
     """Mono float32 little-endian samples at 24 kHz."""
 
 
-class Flush(msgspec.Struct, tag=True):
+class Flush(wire.Message):
     stream: int
     id: int
 
 
-class Close(msgspec.Struct, tag=True):
+class Close(wire.Message):
     stream: int
 
 
-class Ready(msgspec.Struct, tag=True):
+class Ready(wire.Message):
     pass
 
 
-class HeardWord(msgspec.Struct, tag=True, array_like=True):
+class HeardWord(wire.Message, array_like=True):
     text: str
     time: float
 
 
-class HeardPause(msgspec.Struct, tag=True, array_like=True):
+class HeardPause(wire.Message, array_like=True):
     probability: float
     time: float
 
@@ -95,13 +94,13 @@ class HeardPause(msgspec.Struct, tag=True, array_like=True):
 Heard = HeardWord | HeardPause
 
 
-class Events(msgspec.Struct, tag=True):
+class Events(wire.Message):
     stream: int
     events: list[Heard]
     flushed: int | None = None
 
 
-class Failed(msgspec.Struct, tag=True):
+class Failed(wire.Message):
     stream: int
     """0: the worker itself failed."""
     message: str
@@ -265,10 +264,10 @@ def main() -> None:
             decoders.give_back(decoder)
         _Recogniser(decoders).close()
     except Exception as exc:
-        out.write(frame(Failed(0, f"the models did not load: {type(exc).__name__}: {exc}")))
+        out.write(wire.encode(Failed(0, f"the models did not load: {type(exc).__name__}: {exc}")))
         out.flush()
         sys.exit(1)
-    out.write(frame(Ready()))
+    out.write(wire.encode(Ready()))
     out.flush()
     streams: dict[int, _Recogniser] = {}
     while (request := read(sys.stdin.buffer, REQUESTS)) is not None:
@@ -293,7 +292,7 @@ def main() -> None:
                 with contextlib.suppress(Exception):
                     recogniser.close()
             reply = Failed(request.stream, f"{type(exc).__name__}: {exc}")
-        out.write(frame(reply))
+        out.write(wire.encode(reply))
         out.flush()
 
 

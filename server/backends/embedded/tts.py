@@ -26,16 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from ...audio import resampling
-from ..kyutai.tts import AudioChunk, TtsEvent
-from ..llm import BackendUnavailable
-from . import inference
+from ...audio.pcm import SAMPLE_RATE, Samples
+from ..errors import BackendUnavailable
+from ..speech import AudioChunk, TtsEvent
+from .inference import SpeechThreads
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000
 PIPER_VOICE = "en_US-joe-medium"
 FIRST_WORDS = 3
 """Words a reply's first clause needs to be spoken before its sentence ends."""
@@ -46,8 +45,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+|\n+")
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+")
 _UNSPOKEN = str.maketrans({"*": None, "_": None, "`": None, "#": None,
                            "“": '"', "”": '"', "‘": "'", "’": "'"})
-
-Samples = npt.NDArray[np.float32]
 
 
 def phrases(text: str, *, final: bool, first: bool = False) -> tuple[list[str], str]:
@@ -184,6 +181,7 @@ class EmbeddedTTS:
         self._piper: _Piper | None = None
         self._espeak: _ESpeak | None = None
         self._loading = threading.Lock()
+        self._threads = SpeechThreads()
 
     def voice_for(self, source: Mapping[str, Any]) -> str | None:
         if source.get("source_type") == "espeak" and source.get("voice"):
@@ -192,10 +190,11 @@ class EmbeddedTTS:
 
     async def start(self) -> None:
         """Load piper now, so that the first reply does not wait for it."""
-        await inference.run(self._engine, f"piper:{PIPER_VOICE}")
+        await self._threads.run(self._engine, f"piper:{PIPER_VOICE}")
 
     async def close(self) -> None:
-        pass  # the models live as long as the process
+        """Stop the worker threads; the models stay loaded until this object goes."""
+        await self._threads.close()
 
     async def speak(self, text_chunks: AsyncIterator[str],
                     voice: str | None) -> AsyncGenerator[TtsEvent, None]:
@@ -206,9 +205,9 @@ class EmbeddedTTS:
             ready, pending = phrases(pending + chunk, final=False, first=not spoken)
             for phrase in ready:
                 spoken = True
-                yield AudioChunk(await inference.run(self._synthesize, phrase, voice))
+                yield AudioChunk(await self._threads.run(self._synthesize, phrase, voice))
         for phrase in phrases(pending, final=True)[0]:
-            yield AudioChunk(await inference.run(self._synthesize, phrase, voice))
+            yield AudioChunk(await self._threads.run(self._synthesize, phrase, voice))
 
     def synthesize_all(self, text: str, voice: str | None = None) -> Samples:
         """The whole text at once, on the calling thread (tests, benchmarks)."""

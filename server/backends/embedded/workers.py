@@ -1,7 +1,8 @@
 """Worker processes for the embedded models, and the frames they speak.
 
     server ══ stdin ══▶ python -m server.<worker> ══ stdout ══▶ server
-            4-byte big-endian length + msgpack body (msgspec), both ways
+            ``sandbox.wire``'s frames both ways: 4-byte big-endian length + msgpack
+            of a ``wire.Message`` (each worker module declares its own messages)
 
 Why processes: pocketsphinx and Silero hold the GIL while they compute (measured: a
 thread decoding speech delayed the event loop by 10 ms at the median and 184 ms at
@@ -17,42 +18,33 @@ its owner then hears of its end as of any other, and starts a new one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
-import struct
 import sys
 from collections.abc import Callable
 from typing import BinaryIO, Generic, TypeVar
 
 import msgspec
 
+from sandbox import wire
+
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct(">I")
-MAX_FRAME = 16 * 1024 * 1024
 NICENESS = 5
 """Workers yield the CPU to the server, whose event loop paces everyone's audio
 (measured: with 20 sessions on 2 cores, the loop woke up to 125 ms late)."""
 
 R = TypeVar("R")
-_encoder = msgspec.msgpack.Encoder()
-
-
-def frame(message: msgspec.Struct) -> bytes:
-    body = _encoder.encode(message)
-    return HEADER.pack(len(body)) + body
+_READ_SIZE = 64 * 1024
 
 
 def read(stream: BinaryIO, decoder: msgspec.msgpack.Decoder[R]) -> R | None:
-    """Worker side: the next message from ``stream``; ``None`` at end of input."""
-    header = stream.read(HEADER.size)
-    if len(header) < HEADER.size:
-        return None
-    (length,) = HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise ValueError(f"a frame of {length} bytes exceeds {MAX_FRAME}")
-    return decoder.decode(stream.read(length))
+    """Worker side: the next message from ``stream`` (unbuffered: straight from its
+    file descriptor); ``None`` at end of input. Raises ``wire.FrameTooLarge``."""
+    payload = wire.read_frame(stream.fileno())
+    return None if payload is None else decoder.decode(payload)
 
 
 def protocol_stdout() -> BinaryIO:
@@ -109,10 +101,12 @@ class WorkerProcess(Generic[R]):
             )
         except OSError as exc:
             raise ConnectionError(f"cannot start {self.module}: {exc}") from exc
+        assert process.stdout is not None  # stdout=PIPE
+        frames = _Frames(process.stdout)
         try:
             async with asyncio.timeout(ready_within):
-                first = await self._receive(process)
-        except asyncio.IncompleteReadError as exc:
+                first = self._replies.decode(await frames.next())
+        except EOFError as exc:
             await _end(process)
             raise ConnectionError(f"{self.module} ended before it was ready") from exc
         except BaseException:  # a timeout, or our caller cancelled: no orphan left
@@ -121,11 +115,11 @@ class WorkerProcess(Generic[R]):
         self._process = process
         self.hung = False
         self._awaiting = 0
-        self._reader = asyncio.create_task(self._read(process))
+        self._reader = asyncio.create_task(self._read(process, frames))
         self._watchdog = asyncio.create_task(self._watch(process))
         return first
 
-    async def send(self, message: msgspec.Struct, answers: int = 0) -> None:
+    async def send(self, message: wire.Message, answers: int = 0) -> None:
         """Send ``message``, which calls for ``answers`` final replies. Raises
         ``ConnectionError`` when the worker is gone."""
         process = self._process
@@ -134,7 +128,7 @@ class WorkerProcess(Generic[R]):
         if answers and not self._awaiting:
             self._heard = asyncio.get_running_loop().time()  # its silence starts now
         self._awaiting += answers
-        process.stdin.write(frame(message))
+        process.stdin.write(wire.encode(message))
         await process.stdin.drain()
 
     async def close(self) -> None:
@@ -146,23 +140,18 @@ class WorkerProcess(Generic[R]):
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
 
-    async def _receive(self, process: asyncio.subprocess.Process) -> R:
-        assert process.stdout is not None
-        (length,) = HEADER.unpack(await process.stdout.readexactly(HEADER.size))
-        return self._replies.decode(await process.stdout.readexactly(length))
-
-    async def _read(self, process: asyncio.subprocess.Process) -> None:
+    async def _read(self, process: asyncio.subprocess.Process, frames: _Frames) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                reply = await self._receive(process)
+                reply = self._replies.decode(await frames.next())
                 self._heard = loop.time()
                 if self._awaiting and self._is_final(reply):
                     self._awaiting -= 1
                 self._on_reply(reply)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (EOFError, ConnectionError):
             pass
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, wire.FrameTooLarge):
             log.exception("%s sent a frame this server does not understand", self.module)
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
@@ -187,6 +176,25 @@ class WorkerProcess(Generic[R]):
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()  # a stopped process dies of SIGKILL too
                 return
+
+
+class _Frames:
+    """A worker's stdout cut into frames by ``wire.FrameBuffer``."""
+
+    def __init__(self, stdout: asyncio.StreamReader) -> None:
+        self._stdout = stdout
+        self._buffer = wire.FrameBuffer()
+        self._ready: collections.deque[bytes] = collections.deque()
+
+    async def next(self) -> bytes:
+        """The next frame's payload. Raises ``EOFError`` once the output ended,
+        ``wire.FrameTooLarge`` for a frame over ``wire.MAX_FRAME``."""
+        while not self._ready:
+            data = await self._stdout.read(_READ_SIZE)
+            if not data:
+                raise EOFError("the worker's output ended")
+            self._ready.extend(self._buffer.feed(data))
+        return self._ready.popleft()
 
 
 async def _end(process: asyncio.subprocess.Process) -> None:

@@ -1,6 +1,6 @@
 """Speech to text through Kyutai STT: a client of moshi-server's ``/api/asr-streaming``.
 
-    KyutaiSTT(url, api_key).open() ──▶ STTStream        (header ``kyutai-api-key``)
+    KyutaiSTT(url, api_key).open() ──▶ KyutaiSTTStream  (header ``kyutai-api-key``)
                                    ◀── Ready             (Error{message} instead: at capacity)
     stream.send_audio(float32 @ 24 kHz)
         ──▶ Audio{pcm: 1920 float32}  one per 80 ms frame; a partial frame waits for more
@@ -52,11 +52,12 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from ..llm import BackendUnavailable
+from ...audio.pcm import SAMPLE_RATE, Samples
+from ..errors import BackendUnavailable
+from ..speech import EndWord, Event, Flushed, Pause, Word
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920
 FRAME_SEC = FRAME_SAMPLES / SAMPLE_RATE
 ASR_PATH = "/api/asr-streaming"
@@ -65,8 +66,6 @@ PAUSE_HEAD = 2
 """The entry of ``Step.prs`` Unmute reads as the pause probability."""
 SETTLE_STEPS = 12
 """Steps whose pause prediction Unmute ignores: "all over the place" at first."""
-
-Samples = npt.NDArray[np.float32]
 
 
 # ── the wire ─────────────────────────────────────────────────────────────────
@@ -91,13 +90,13 @@ class Ready(_Message):
     pass
 
 
-class Word(_Message):
+class WordMessage(_Message, tag="Word"):
     text: str
     start_time: float
     """Seconds into the stream's audio."""
 
 
-class EndWord(_Message):
+class EndWordMessage(_Message, tag="EndWord"):
     stop_time: float
 
 
@@ -114,7 +113,7 @@ class Error(_Message):
 
 
 ClientMessage = Audio | Marker
-ServerMessage = Ready | Word | EndWord | Step | Marker | Error
+ServerMessage = Ready | WordMessage | EndWordMessage | Step | Marker | Error
 
 _encoder = msgspec.msgpack.Encoder()
 _server_messages = msgspec.msgpack.Decoder(ServerMessage)
@@ -139,33 +138,6 @@ def _float32_array(samples: Samples) -> bytes:
     return header + items.tobytes()
 
 
-def pcm16_to_float(data: bytes) -> Samples:
-    """Little-endian signed 16-bit samples (the Realtime API's ``pcm16``) as float32
-    in [-1, 1). Raises ``ValueError`` on an odd number of bytes."""
-    if len(data) % 2:
-        raise ValueError(f"pcm16 audio is 2 bytes a sample; got {len(data)} bytes")
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(32768)
-
-
-# ── events ───────────────────────────────────────────────────────────────────
-
-
-class Pause(msgspec.Struct, frozen=True):
-    """How likely the speaker has finished, for the audio at ``time`` seconds."""
-
-    probability: float
-    time: float
-
-
-class Flushed(msgspec.Struct, frozen=True):
-    """Every word of the audio sent before ``flush`` has come before this."""
-
-    id: int
-
-
-Event = Word | EndWord | Pause | Flushed
-
-
 class _End(msgspec.Struct, frozen=True):
     failure: BackendUnavailable | None
 
@@ -175,7 +147,7 @@ class _End(msgspec.Struct, frozen=True):
 
 class KyutaiSTT:
     """A moshi-server STT at ``url`` (``ws://host:8090``; ``/api/asr-streaming`` is
-    added unless the URL ends with it). One ``STTStream`` per conversation.
+    added unless the URL ends with it). One ``KyutaiSTTStream`` per conversation.
 
     ``timeout`` bounds connecting, the wait for ``Ready``, each send, a flush and a
     close. ``delay_sec`` is the server's answer delay (0.5 s for ``stt-1b-en_fr``);
@@ -200,7 +172,7 @@ class KyutaiSTT:
         self.settle_steps = settle_steps
         self._http = http
         self._owns_http = http is None
-        self._streams: set[STTStream] = set()
+        self._streams: set[KyutaiSTTStream] = set()
 
     pause_hold = 0.0
     """Kyutai's pause heads already say "finished": no need to hold them."""
@@ -232,8 +204,8 @@ class KyutaiSTT:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def open(self) -> STTStream:
-        """Connect and wait for ``Ready``.
+    async def open(self) -> KyutaiSTTStream:
+        """Connect, wait for ``Ready``, and start reading the server's messages.
 
         Raises ``BackendUnavailable``: unreachable, the key refused, at capacity
         (``Error`` instead of ``Ready``), or no ``Ready`` within ``timeout``."""
@@ -262,7 +234,8 @@ class KyutaiSTT:
         except BaseException:
             await ws.close()
             raise
-        stream = STTStream(self, ws)
+        stream = KyutaiSTTStream(self, ws)
+        stream.start()
         self._streams.add(stream)
         return stream
 
@@ -294,7 +267,7 @@ class KyutaiSTT:
             f"{where} sent {type(first).__name__} before Ready; check that it runs "
             f"moshi-server's BatchedAsr")
 
-    def _forget(self, stream: STTStream) -> None:
+    def _forget(self, stream: KyutaiSTTStream) -> None:
         self._streams.discard(stream)
 
 
@@ -312,13 +285,14 @@ def _refused(where: str, exc: aiohttp.WSServerHandshakeError) -> BackendUnavaila
         f"{where} refused the WebSocket (HTTP {exc.status} {exc.message}); see its log")
 
 
-class STTStream:
-    """One conversation's audio in, its transcript out; from ``KyutaiSTT.open``.
+class KyutaiSTTStream:
+    """One conversation's audio in, its transcript out; from ``KyutaiSTT.open``
+    (an ``STTStream``).
 
     Iterate it for events (one consumer; it ends after ``close``, raises
-    ``BackendUnavailable`` when the server fails). A reader task takes the server's
-    messages off the socket as they come, so ``flush`` works while nobody iterates;
-    consume the events or they pile up.
+    ``BackendUnavailable`` when the server fails). A reader task, started by
+    ``start``, takes the server's messages off the socket as they come, so ``flush``
+    works while nobody iterates; consume the events or they pile up.
     """
 
     def __init__(self, stt: KyutaiSTT, ws: aiohttp.ClientWebSocketResponse[Any]) -> None:
@@ -334,7 +308,13 @@ class STTStream:
         self._closing = False
         self.frames_sent = 0
         self.steps_received = 0
-        self._reader = asyncio.create_task(self._read(), name=f"kyutai-stt reader {stt.url}")
+        self._reader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start reading the server's messages (once, before anything else)."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(
+                self._read(), name=f"kyutai-stt reader {self._stt.url}")
 
     @property
     def audio_sent_sec(self) -> float:
@@ -432,7 +412,7 @@ class STTStream:
 
     # ── events out ───────────────────────────────────────────────────────────
 
-    def __aiter__(self) -> STTStream:
+    def __aiter__(self) -> KyutaiSTTStream:
         return self
 
     async def __anext__(self) -> Event:
@@ -495,8 +475,10 @@ class STTStream:
 
     def _dispatch(self, message: ServerMessage) -> BackendUnavailable | None:
         match message:
-            case Word() | EndWord():
-                self._events.put_nowait(message)
+            case WordMessage(text=text, start_time=start_time):
+                self._events.put_nowait(Word(text, start_time))
+            case EndWordMessage(stop_time=stop_time):
+                self._events.put_nowait(EndWord(stop_time))
             case Step(prs=prs):
                 self.steps_received += 1
                 self._stepped.set()
@@ -524,6 +506,9 @@ class STTStream:
             self._stt._forget(self)
             with contextlib.suppress(aiohttp.ClientError, ConnectionError):
                 await self._ws.close()  # bounded by ClientWSTimeout.ws_close
+        if self._reader is None:  # never started: nothing will end the events
+            self._events.put_nowait(_End(self._failure))
+            return
         try:
             async with asyncio.timeout(self._stt.timeout):
                 await asyncio.shield(self._reader)
@@ -532,7 +517,7 @@ class STTStream:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
 
-    async def __aenter__(self) -> STTStream:
+    async def __aenter__(self) -> KyutaiSTTStream:
         return self
 
     async def __aexit__(

@@ -34,14 +34,15 @@ from typing import Any
 import aiohttp
 import msgspec
 import numpy as np
-import numpy.typing as npt
 
-from ..llm import BackendUnavailable
+from ...audio.pcm import Samples
+from ..errors import BackendUnavailable
+from ..speech import AudioChunk, SpokenWord, TtsEvent
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24000
-"""moshi-server's TTS speaks 24 kHz mono float32 (Mimi's rate), 1920 samples a frame."""
+# moshi-server's TTS speaks 24 kHz mono float32 (Mimi's rate, ``SAMPLE_RATE``),
+# 1920 samples a frame.
 STREAMING_PATH = "/api/tts_streaming"
 API_KEY_HEADER = "kyutai-api-key"
 
@@ -108,7 +109,7 @@ def decode(frame: bytes) -> ServerMessage:
 _floats: msgspec.msgpack.Decoder[list[float]] = msgspec.msgpack.Decoder(list[float])
 
 
-def samples(raw: msgspec.Raw) -> npt.NDArray[np.float32]:
+def samples(raw: msgspec.Raw) -> Samples:
     """A msgpack array of floats as numpy. moshi-server writes float32 (``0xca`` and 4
     big-endian bytes each): read straight by numpy, 10x faster than a list of Python
     floats (the profile of 100 sessions had 13 % of the loop here). Anything else goes
@@ -126,30 +127,6 @@ def samples(raw: msgspec.Raw) -> npt.NDArray[np.float32]:
         if (items["marker"] == 0xCA).all():
             return items["value"].astype(np.float32)
     return np.asarray(_floats.decode(data), dtype=np.float32)
-
-
-# ── what speak yields ────────────────────────────────────────────────────────
-
-
-class SpokenWord(msgspec.Struct, frozen=True):
-    text: str
-    start_s: float
-    stop_s: float
-
-
-class AudioChunk(msgspec.Struct, frozen=True):
-    pcm: npt.NDArray[np.float32]
-    """Mono samples in [-1, 1] at ``SAMPLE_RATE``."""
-
-
-TtsEvent = SpokenWord | AudioChunk
-
-
-def pcm16_bytes(samples: npt.NDArray[np.floating[Any]]) -> bytes:
-    """Float samples (clipped to [-1, 1]) as little-endian int16 PCM: what the OpenAI
-    dialects' ``response.audio.delta`` carries (base64) in ``pcm16``."""
-    ints = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
-    return bytes(ints.tobytes())
 
 
 # ── text to words ────────────────────────────────────────────────────────────

@@ -22,9 +22,9 @@ from yarl import URL
 from ..config import EMBEDDED, Config
 from .embedded.stt import EmbeddedSTT
 from .embedded.tts import EmbeddedTTS
+from .errors import BackendUnavailable
 from .kyutai.stt import KyutaiSTT
 from .kyutai.tts import KyutaiTTS
-from .llm import BackendUnavailable
 from .speech import SpeechToText, TextToSpeech
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,11 @@ from __future__ import annotations
 import logging
 
 from ..config import EMBEDDED, Config
+from .builtin.responder import BuiltinResponder
 from .embedded.llm import EmbeddedLLM
-from .llm import LLM, BackendUnavailable, BuiltinResponder, OpenAICompatibleLLM
+from .errors import BackendUnavailable
+from .llm import LLM
+from .openai.chat import OpenAICompatibleLLM
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The stand-in when no language model is configured (``--llm none``)."""

@@ -1,0 +1,1 @@
+"""A language model behind any OpenAI-compatible ``/v1/chat/completions`` server."""
