@@ -32,8 +32,9 @@ from sandbox import (
 from .. import metrics
 from ..config import Config
 from ..errors import TroupeError, from_sandbox
-from ..realtime import dialects, protocol
 from . import directories
+from . import events as protocol  # the event Structs moved here (conversation/events.py)
+from . import voices as dialects  # voice_path moved here (conversation/voices.py)
 
 
 class Loaded(LoadReport, kw_only=True):

@@ -23,7 +23,7 @@ from ..audio.pcm import SAMPLE_RATE, pcm16_to_float
 from ..backends.errors import BackendUnavailable
 from ..backends.speech import Flushed, Pause, SpeechToText, STTStream, Word
 from ..errors import TroupeError
-from ..realtime import protocol
+from . import events
 from .turns import Action, TurnTaking
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ MAX_APPEND_SECONDS = 20
 COMMIT_TIMEOUT = 30.0
 """Seconds a commit waits for the STT to finish the utterance."""
 
-Send = Callable[[protocol.ServerEvent], Awaitable[None]]
+Send = Callable[[events.Outgoing], Awaitable[None]]
 OnTurn = Callable[[Action, float], Awaitable[None]]
 
 
@@ -52,7 +52,7 @@ class Listening:
 
     def __init__(self, stream: STTStream, send: Send, turns: TurnTaking | None,
                  on_turn: OnTurn, opus: OpusDecoder | None = None) -> None:
-        self.item_id = protocol.new_id("item")
+        self.item_id = events.new_id("item")
         self.audio_format = "opus" if opus is not None else "pcm16"
         self._opus = opus
         self.turns = turns
@@ -63,14 +63,17 @@ class Listening:
         self._samples = 0
         self._flushed = asyncio.Event()
         self._failure: BackendUnavailable | None = None
-        self._reader = asyncio.create_task(self._read())
+        self._reader: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, stt: SpeechToText, send: Send, turns: TurnTaking | None,
                    on_turn: OnTurn, opus: OpusDecoder | None = None) -> Listening:
-        """``opus``: the session's decoder of its one Ogg Opus input stream (kept
-        across utterances: the stream's header pages come only once)."""
-        return cls(await stt.open(), send, turns, on_turn, opus)
+        """A stream opened and read. ``opus``: the session's decoder of its one Ogg
+        Opus input stream (kept across utterances: the stream's header pages come
+        only once)."""
+        listening = cls(await stt.open(), send, turns, on_turn, opus)
+        listening._reader = asyncio.create_task(listening._read())
+        return listening
 
     async def append(self, audio: str) -> None:
         """Send base64 audio (pcm16 24 kHz mono, or the next bytes of an Ogg Opus
@@ -115,12 +118,13 @@ class Listening:
         """The current utterance; the next one starts."""
         taken = Utterance(self.item_id, " ".join(self._words),
                           round(self._samples / SAMPLE_RATE, 3))
-        self.item_id, self._words, self._samples = protocol.new_id("item"), [], 0
+        self.item_id, self._words, self._samples = events.new_id("item"), [], 0
         return taken
 
     async def close(self) -> None:
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
         await self._stream.close()
 
     async def _read(self) -> None:
@@ -132,7 +136,7 @@ class Listening:
                             await self._on_turn(action, start)
                         delta = text if not self._words else " " + text
                         self._words.append(text)
-                        await self._send(protocol.TranscriptionDelta(
+                        await self._send(events.TranscriptionDelta(
                             item_id=self.item_id, delta=delta, start_time=start))
                     case Pause(probability=probability, time=time) if self.turns is not None:
                         if action := self.turns.pause(probability, time):

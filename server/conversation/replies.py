@@ -10,11 +10,14 @@
 With a TTS, the reply is also spoken: text goes to the TTS as the model writes it,
 ``response.audio.delta`` events follow in 80 ms frames (pcm16, or the session's Ogg
 Opus stream), paced at real time plus a small lead so that a barge-in leaves little
-queued at the client; the OpenAI dialects then get the text as
-``response.audio_transcript.*``, as OpenAI sends it for spoken replies. Unmute's
-dialect keeps ``response.text.*``, each delta one whole word without spaces (``Words``),
-and gets ``unmute.response.text.delta.ready``, ``unmute.response.audio.delta.ready`` and
-``unmute.additional_outputs``.
+queued at the client; its text goes as ``response.audio_transcript.*``, as OpenAI
+sends it for spoken replies.
+
+The events are the conversation's one model, whoever the client is: the edge
+(``server/realtime/dialects.py``) shows them to Unmute's clients as ``response.text.*``
+in whole words (``Words``, cut at ``TextComplete``), and drops the bookkeeping that
+only they read (``unmute.response.audio.delta.ready``, ``unmute.additional_outputs``)
+for OpenAI's.
 """
 
 from __future__ import annotations
@@ -38,17 +41,16 @@ from ..backends.errors import BackendUnavailable
 from ..backends.llm import LLM
 from ..backends.speech import AudioChunk, TextToSpeech
 from ..backends.tool_loop import respond
-from ..errors import ServerSideError, TroupeError, from_sandbox
-from ..realtime import protocol
-from .history import Conversation
+from ..errors import ServerSideError, from_sandbox
+from . import events
+from .dialogue import Reply
 
 log = logging.getLogger(__name__)
 
 FRAME = 1920
 """Samples a ``response.audio.delta`` holds at most (80 ms at 24 kHz)."""
 
-Send = Callable[[protocol.ServerEvent], Awaitable[None]]
-SendError = Callable[[TroupeError], Awaitable[None]]
+Send = Callable[[events.Outgoing], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -62,28 +64,25 @@ class Speaking:
     lead: float = 0.5
 
 
-async def run_reply(
-    *, send: Send, send_error: SendError, llm: LLM, sandbox: Sandbox, character: str,
-    system_prompt: str, conversation: Conversation, temperature: float,
-    speaking: Speaking | None = None, unmute: bool = False,
-) -> str | None:
-    """Stream one reply of ``character``; always ends with ``response.done``. With
-    ``speaking``, the text is spoken as it streams. ``unmute``: Unmute's events (text
-    always as ``response.text.delta``, its ``unmute.*`` bookkeeping); otherwise a
-    spoken reply's text is its audio transcript, as in OpenAI's API. Returns the text
-    of a completed reply, ``None`` for one that failed."""
-    response_id, item_id = protocol.new_id("resp"), protocol.new_id("item")
-    await send(protocol.ResponseCreated(
-        response=protocol.ResponseInfo(id=response_id, status="in_progress", voice=character)))
+async def run_reply(reply: Reply, llm: LLM, sandbox: Sandbox, send: Send,
+                    speaking: Speaking | None = None) -> str | None:
+    """Stream one reply; always ends with ``response.done``. With ``speaking``, the
+    text is spoken as it streams, and is sent as its audio transcript, as in OpenAI's
+    API. Returns the text of a completed reply, ``None`` for one that failed."""
+    response_id, item_id = events.new_id("resp"), events.new_id("item")
+    character, conversation = reply.character, reply.history
+    await send(events.ResponseCreated(
+        response=events.ResponseInfo(id=response_id, status="in_progress", voice=character)))
     status, text = "failed", ""
     messages: list[dict[str, Any]] = []
     first_new = 0
-    transcript = speaking is not None and not unmute
-    words = Words()
+    transcript = speaking is not None
     started = time.perf_counter()
-    speech = (_Speech(speaking, send, response_id, item_id, unmute, started)
+    speech = (_Speech(speaking, send, response_id, item_id, started)
               if speaking is not None else None)
     try:
+        if speech is not None:
+            speech.start()  # the TTS connects while the tools are fetched
         tools = await sandbox.tools(character)
 
         async def call_tool(name: str, arguments: dict[str, Any]) -> str:
@@ -94,16 +93,16 @@ async def run_reply(
             except SandboxError as exc:
                 # The sandbox was restarted, its characters' state lost: the client
                 # is told (DESIGN.md §4), the model reads why and the reply goes on.
-                await send_error(from_sandbox(exc, f"calling the tool {name}"))
+                await send(events.error(from_sandbox(exc, f"calling the tool {name}")))
                 return f"tool {name} failed: {exc}"
 
-        messages = conversation.messages_for(system_prompt)
+        messages = conversation.messages_for(reply.system_prompt)
         first_new = len(messages)
         try:
             # Closed here, not whenever it is collected: a TTS that failed mid-reply
             # ends the model's stream at once.
             async with contextlib.aclosing(
-                    respond(llm, messages, tools, call_tool, temperature)) as deltas:
+                    respond(llm, messages, tools, call_tool, reply.temperature)) as deltas:
                 async for delta in deltas:
                     if not text:
                         metrics.LLM_FIRST_TOKEN.observe(time.perf_counter() - started)
@@ -111,32 +110,23 @@ async def run_reply(
                     if speech is not None:
                         speech.check()  # a TTS that failed ends the reply now, not at its end
                         speech.say(delta)
-                    if unmute:
-                        await send(protocol.TextDeltaReady(delta=delta))
-                        for word in words.feed(delta):
-                            await send(protocol.TextDelta(response_id=response_id,
-                                                          item_id=item_id, delta=word))
-                    else:
-                        await send(
-                            protocol.AudioTranscriptDelta(response_id=response_id,
-                                                          item_id=item_id, delta=delta)
-                            if transcript
-                            else protocol.TextDelta(response_id=response_id, item_id=item_id,
-                                                    delta=delta))
+                    await send(
+                        events.AudioTranscriptDelta(response_id=response_id,
+                                                    item_id=item_id, delta=delta)
+                        if transcript
+                        else events.TextDelta(response_id=response_id, item_id=item_id,
+                                              delta=delta))
         finally:
             conversation.record(messages[first_new:])
-        for word in words.flush():
-            await send(protocol.TextDelta(response_id=response_id, item_id=item_id,
-                                          delta=word))
+        await send(events.TextComplete(response_id=response_id, item_id=item_id))
         if speech is not None:
             await speech.finish()
-        if unmute:
-            await send(protocol.AdditionalOutputs(
-                args={"chat_history": conversation.messages_for(system_prompt)}))
+        await send(events.AdditionalOutputs(
+            args={"chat_history": conversation.messages_for(reply.system_prompt)}))
         await send(
-            protocol.AudioTranscriptDone(response_id=response_id, item_id=item_id,
-                                         transcript=text) if transcript
-            else protocol.TextDone(response_id=response_id, item_id=item_id, text=text))
+            events.AudioTranscriptDone(response_id=response_id, item_id=item_id,
+                                       transcript=text) if transcript
+            else events.TextDone(response_id=response_id, item_id=item_id, text=text))
         if speech is not None:
             await speech.done()
         status = "completed"
@@ -150,23 +140,23 @@ async def run_reply(
             conversation.add_assistant_text(text[len(recorded):])
         raise
     except BackendUnavailable as exc:
-        await send_error(exc)
+        await send(events.error(exc))
     except SandboxError as exc:
-        await send_error(from_sandbox(exc, "getting the tools"))
+        await send(events.error(from_sandbox(exc, "getting the tools")))
     except Exception:  # a defect: the client hears of it, the log has the traceback
         log.exception("a reply of %s failed", character)
-        await send_error(ServerSideError("server_error",
-                                         "the reply failed; the server logged why"))
+        await send(events.error(ServerSideError("server_error",
+                                                "the reply failed; the server logged why")))
     finally:
         if speech is not None:
             await speech.stop()
         part = {"type": "audio", "transcript": text} if transcript \
             else {"type": "text", "text": text}
-        output = [protocol.MessageItem(
+        output = [events.MessageItem(
             id=item_id, role="assistant", content=[part],
             status="completed" if status == "completed" else "incomplete",
         )]
-        await asyncio.shield(send(protocol.ResponseDone(response=protocol.ResponseInfo(
+        await asyncio.shield(send(events.ResponseDone(response=events.ResponseInfo(
             id=response_id, status=status, voice=character, output=output))))
     return text if status == "completed" else None
 
@@ -237,21 +227,24 @@ class _Speech:
     real time plus ``lead`` in frames of ``FRAME`` samples."""
 
     def __init__(self, speaking: Speaking, send: Send, response_id: str, item_id: str,
-                 unmute: bool, started: float) -> None:
+                 started: float) -> None:
         self._text: asyncio.Queue[str | None] = asyncio.Queue()
         self._started = started
         self._first_text: float | None = None
         self._send = send
         self._speaking = speaking
-        self._unmute = unmute
         self._response_id, self._item_id = response_id, item_id
         self._finished = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
         self._task = asyncio.create_task(self._speak())
 
     def check(self) -> None:
         """Raise what ended the speech early, if it did."""
-        if self._task.done() and not self._task.cancelled() and (
-                failure := self._task.exception()) is not None:
+        task = self._task
+        if task is not None and task.done() and not task.cancelled() and (
+                failure := task.exception()) is not None:
             raise failure
 
     def say(self, text: str) -> None:
@@ -262,17 +255,19 @@ class _Speech:
     async def finish(self) -> None:
         """Wait until everything said so far has been spoken and sent."""
         self._text.put_nowait(None)
-        await self._task
+        if self._task is not None:
+            await self._task
         await self._deliver(self._speaking.out.finish(), 0)
         self._finished = True
 
     async def done(self) -> None:
-        await self._send(protocol.AudioDone(response_id=self._response_id,
+        await self._send(events.AudioDone(response_id=self._response_id,
                                             item_id=self._item_id))
 
     async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         if not self._finished:
             self._speaking.out.cancel()
 
@@ -299,24 +294,11 @@ class _Speech:
     async def _deliver(self, payload: bytes, samples: int) -> None:
         if not payload:
             return
-        if self._unmute:
-            await self._send(protocol.AudioDeltaReady(number_of_samples=samples))
-        await self._send(protocol.AudioDelta(
+        await self._send(events.AudioDeltaReady(number_of_samples=samples))
+        await self._send(events.AudioDelta(
             response_id=self._response_id, item_id=self._item_id,
             delta=base64.b64encode(payload).decode("ascii")))
 
     async def _chunks(self) -> AsyncGenerator[str, None]:
         while (text := await self._text.get()) is not None:
             yield text
-
-
-def user_text(item: protocol.Item) -> str:
-    """The text of a user message item; raises ``ValueError`` for anything else."""
-    if item.type != "message" or item.role != "user":
-        raise ValueError(f"only user messages can be added, not {item.type}/{item.role}")
-    parts = [part.text or part.transcript or "" for part in item.content
-             if part.type in ("input_text", "text", "input_audio")]
-    text = " ".join(part for part in parts if part)
-    if not text:
-        raise ValueError("the message has no text (content parts of type input_text)")
-    return text

@@ -1,32 +1,54 @@
-"""The three client families (DESIGN.md §2) and the session settings they see.
+"""The three client families (DESIGN.md §2), and the edge that speaks to each.
 
     connect ── ?model= ──┬── OpenAI-Beta: realtime=v1 ──▶ BETA   (flat session fields)
                          └── otherwise ─────────────────▶ GA     (session.audio.* objects)
             ── no model ────────────────────────────────▶ UNMUTE (closed set of events)
 
-One ``SessionSettings`` holds what the client configured; ``render`` shows it in the
-shape its dialect expects, and ``accepts`` says which server events it may receive.
-``voice_source`` shows a character's ``VOICE_SOURCE`` in one of the two shapes Unmute's
-clients accept (``/v1/voices``), and ``voice_path`` is the id they select it by.
+    conversation events (beta names) ──Edge.out()──▶ the events this client is sent
+        GA:     renamed (protocol.to_ga); Unmute's bookkeeping dropped
+        BETA:   as they are; Unmute's bookkeeping dropped
+        UNMUTE: only its closed set; a reply's text as whole words, each piece also as
+                unmute.response.text.delta.ready; the transcript of a spoken reply as
+                its text
+    session.created / session.updated carry the settings, rendered for the dialect
+
+The dialect is looked at here only: the conversation emits one model of events and
+asks the dialect two things, ``greets`` (the character speaks first) and
+``audio_format`` (the default of both directions). ``voice_source`` and ``voice_path``
+(``server/conversation/voices.py``) are re-exported for ``/v1/voices``.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
+from ..conversation import events
+from ..conversation.events import Outgoing, ServerEvent, TextComplete
+from ..conversation.replies import Words
+from ..conversation.settings import GA_FORMATS, SessionSettings
 
-from ..errors import TroupeError
-from .protocol import AudioFormat, SessionFields
+# Re-exported: /v1/voices and its tests show voices through the dialects.
+from ..conversation.voices import voice_path as voice_path
+from ..conversation.voices import voice_source as voice_source
+from . import protocol
 
 
 class Dialect(enum.Enum):
     GA = "ga"
     BETA = "beta"
     UNMUTE = "unmute"
+
+    @property
+    def greets(self) -> bool:
+        """Unmute's character speaks first, after the first ``session.update``."""
+        return self is Dialect.UNMUTE
+
+    @property
+    def audio_format(self) -> str:
+        """The audio format of both directions until the client sets another."""
+        return "opus" if self is Dialect.UNMUTE else "pcm16"
 
 
 def detect(query: Mapping[str, str], headers: Mapping[str, str]) -> Dialect:
@@ -37,21 +59,18 @@ def detect(query: Mapping[str, str], headers: Mapping[str, str]) -> Dialect:
     return Dialect.GA
 
 
-_UNMUTE_EVENTS = frozenset({
-    "error", "session.updated", "response.created", "response.text.delta",
-    "response.text.done", "response.audio.delta", "response.audio.done",
-    "conversation.item.input_audio_transcription.delta",
-    "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-    "unmute.additional_outputs", "unmute.response.text.delta.ready",
-    "unmute.response.audio.delta.ready", "unmute.interrupted_by_vad",
-    "session.characters.reloaded", "session.characters.listed",
-})
+_UNMUTE_ONLY = frozenset(protocol.tag(event) for event in (
+    events.AdditionalOutputs, events.TextDeltaReady, events.AudioDeltaReady,
+))
+"""Unmute's bookkeeping extensions: they mean nothing to OpenAI's clients."""
 
-
-_UNMUTE_ONLY = frozenset({
-    "unmute.additional_outputs", "unmute.response.text.delta.ready",
-    "unmute.response.audio.delta.ready",
-})
+_UNMUTE_EVENTS = _UNMUTE_ONLY | frozenset(protocol.tag(event) for event in (
+    events.Error, events.SessionUpdated, events.ResponseCreated, events.TextDelta,
+    events.TextDone, events.AudioDelta, events.AudioDone, events.TranscriptionDelta,
+    events.SpeechStarted, events.SpeechStopped, events.InterruptedByVad,
+    events.CharactersReloaded, events.CharactersListed,
+))
+"""The closed union Unmute's client validates every event against, and ours."""
 
 
 def accepts(dialect: Dialect, event_type: str) -> bool:
@@ -63,73 +82,52 @@ def accepts(dialect: Dialect, event_type: str) -> bool:
     return event_type not in _UNMUTE_ONLY
 
 
-AUDIO_FORMATS = ("pcm16", "opus")
-_GA_FORMATS = {"pcm16": "audio/pcm", "opus": "audio/opus"}
-_FROM_GA = {value: key for key, value in _GA_FORMATS.items()}
+class Edge:
+    """One connection's view of the conversation's events: ``out`` turns each into
+    what this client is sent (none, one, or a few), in order."""
 
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self._words = Words()
+        """Unmute's: the reply's text not yet a whole word."""
 
-@dataclass
-class SessionSettings:
-    """What the client configured, dialect-neutral."""
+    def out(self, event: Outgoing) -> list[ServerEvent]:
+        match event:
+            case TextComplete():
+                return self._words_of(event.response_id, event.item_id, None)
+            case events.SessionCreated(session=SessionSettings() as settings):
+                event = events.SessionCreated(
+                    event_id=event.event_id, session=render(self.dialect, settings))
+            case events.SessionUpdated(session=SessionSettings() as settings):
+                event = events.SessionUpdated(
+                    event_id=event.event_id, session=render(self.dialect, settings))
+            case events.ResponseCreated() | events.ResponseDone():
+                self._words.flush()  # a cancelled reply's last piece is not the next's
+        if self.dialect is Dialect.UNMUTE:
+            return self._unmute(event)
+        if self.dialect is Dialect.GA:
+            event = protocol.to_ga(event)
+        return [event] if accepts(self.dialect, protocol.tag(type(event))) else []
 
-    session_id: str
-    model: str | None
-    voice: str | None = None
-    instructions: str | dict[str, Any] | None = None
-    allow_recording: bool = False
-    modalities: list[str] = field(default_factory=lambda: ["text", "audio"])
-    input_audio_format: str = "pcm16"
-    output_audio_format: str = "pcm16"
-    turn_detection: dict[str, Any] | None = field(
-        default_factory=lambda: {"type": "server_vad"}
-    )
-    temperature: float = 0.8
-    tools: list[dict[str, Any]] = field(default_factory=list)
+    def _unmute(self, event: ServerEvent) -> list[ServerEvent]:
+        match event:
+            case events.TextDelta() | events.AudioTranscriptDelta():
+                return [events.TextDeltaReady(delta=event.delta),
+                        *self._words_of(event.response_id, event.item_id, event.delta)]
+            case events.AudioTranscriptDone():
+                return [events.TextDone(response_id=event.response_id,
+                                        item_id=event.item_id, text=event.transcript)]
+        return [event] if protocol.tag(type(event)) in _UNMUTE_EVENTS else []
 
-    @classmethod
-    def initial(cls, session_id: str, dialect: Dialect, model: str | None) -> SessionSettings:
-        audio = "opus" if dialect is Dialect.UNMUTE else "pcm16"
-        return cls(session_id, model, input_audio_format=audio, output_audio_format=audio)
-
-    def requested_voice(self, update: SessionFields) -> str | None:
-        if update.voice is not None:
-            return update.voice
-        if update.audio is not None and update.audio.output is not None:
-            return update.audio.output.voice
-        return None
-
-    def apply(self, update: SessionFields) -> None:
-        """Take every field ``update`` sets, except ``voice`` (the session checks it
-        against its characters first). Raises ``TroupeError`` before changing anything."""
-        input_format = _format(update.input_audio_format, "session.input_audio_format")
-        output_format = _format(update.output_audio_format, "session.output_audio_format")
-        turn_detection = update.turn_detection
-        if update.audio is not None:
-            if update.audio.input is not None:
-                given = _format(update.audio.input.format, "session.audio.input.format")
-                input_format = given or input_format
-                if update.audio.input.turn_detection is not msgspec.UNSET:
-                    turn_detection = update.audio.input.turn_detection
-            if update.audio.output is not None:
-                given = _format(update.audio.output.format, "session.audio.output.format")
-                output_format = given or output_format
-        if update.instructions is not None:
-            self.instructions = update.instructions
-        if update.allow_recording is not None:
-            self.allow_recording = update.allow_recording
-        modalities = update.output_modalities or update.modalities
-        if modalities is not None:
-            self.modalities = modalities
-        if input_format is not None:
-            self.input_audio_format = input_format
-        if output_format is not None:
-            self.output_audio_format = output_format
-        if turn_detection is not msgspec.UNSET:
-            self.turn_detection = turn_detection
-        if update.temperature is not None:
-            self.temperature = update.temperature
-        if update.tools is not None:
-            self.tools = update.tools
+    def _words_of(self, response_id: str, item_id: str,
+                  piece: str | None) -> list[ServerEvent]:
+        """Unmute's clients show each ``response.text.delta`` as one word (``Words``):
+        the words ``piece`` completes, or with ``None`` the last one."""
+        if self.dialect is not Dialect.UNMUTE:
+            return []
+        words = self._words.feed(piece) if piece is not None else self._words.flush()
+        return [events.TextDelta(response_id=response_id, item_id=item_id, delta=word)
+                for word in words]
 
 
 def render(dialect: Dialect, settings: SessionSettings) -> dict[str, Any]:
@@ -179,71 +177,8 @@ def render(dialect: Dialect, settings: SessionSettings) -> dict[str, Any]:
     }
 
 
-def voice_path(name: str, source: Mapping[str, Any]) -> str:
-    """The ``path_on_server`` Unmute's clients know the character ``name`` by, and send
-    back as ``voice`` to select it: a file or freesound source's own path (the TTS
-    speaks from it), else ``<source_type>/<voice>/<name>`` (``piper/en_US-joe-medium/
-    Bramble``), which names the character because characters share piper voices."""
-    path = source.get("path_on_server")
-    if source.get("source_type") in ("file", "freesound") and isinstance(path, str) and path:
-        return path
-    kind, voice = source.get("source_type"), source.get("voice")
-    parts = [str(kind), *([str(voice)] if isinstance(voice, str) and voice else []), name]
-    return "/".join(parts)
-
-
-_FREESOUND_INSTANCE = {"id": int, "name": str, "username": str, "license": str}
-
-
-def voice_source(name: str, source: Mapping[str, Any]) -> dict[str, Any]:
-    """``source`` as Unmute's clients accept it (DESIGN.md §6): its freesound shape when
-    ``source`` has all of it (the frontend credits ``sound_instance.username``), else a
-    ``file`` source at ``voice_path``, keeping the description. Unmute's models forbid
-    extra fields, so only theirs are copied; the character keeps its own source for
-    the TTS."""
-    path = voice_path(name, source)
-    instance = source.get("sound_instance")
-    if (source.get("source_type") == "freesound" and isinstance(source.get("url"), str)
-            and isinstance(instance, Mapping)
-            and all(type(instance.get(key)) is kind for key, kind in _FREESOUND_INSTANCE.items())):
-        shown: dict[str, Any] = {
-            "source_type": "freesound", "url": source["url"], "path_on_server": path,
-            "sound_instance": {key: instance[key] for key in _FREESOUND_INSTANCE},
-        }
-        start = source.get("start_time")
-        if type(start) is int:
-            shown["start_time"] = start
-        return shown
-    shown = {"source_type": "file", "path_on_server": path}
-    for key in ("description", "description_link"):
-        if isinstance(source.get(key), str):
-            shown[key] = source[key]
-    if "description_link" not in shown and isinstance(source.get("url"), str):
-        shown["description_link"] = source["url"]  # a freesound without its credits
-    return shown
-
-
 def _ga_format(name: str) -> dict[str, Any]:
-    shape: dict[str, Any] = {"type": _GA_FORMATS[name]}
+    shape: dict[str, Any] = {"type": GA_FORMATS[name]}
     if name == "pcm16":
         shape["rate"] = 24000
     return shape
-
-
-def _format(value: AudioFormat | str | None, param: str) -> str | None:
-    if value is None:
-        return None
-    name = _FROM_GA.get(value.type or "") if isinstance(value, AudioFormat) else value
-    if isinstance(value, AudioFormat) and value.rate not in (None, 24000):
-        raise TroupeError(
-            "invalid_event", f"{param}: only 24000 Hz is supported, not {value.rate}", param=param
-        )
-    if name not in AUDIO_FORMATS:
-        shown = value.type if isinstance(value, AudioFormat) else value
-        raise TroupeError(
-            "invalid_event",
-            f"{param}: unsupported audio format {shown!r}; use "
-            + " or ".join(AUDIO_FORMATS + tuple(_GA_FORMATS.values())),
-            param=param,
-        )
-    return name

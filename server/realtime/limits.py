@@ -3,6 +3,7 @@
     client frames ─▶ receive loop ─▶ Backlog ─▶ worker ─┐
                         │ refused frames: SlidingWindow  │ server events
     reply, STT reader ──┴────────────────────────────────┴─▶ Outbox ─▶ writer ─▶ socket
+    session.characters.reload ─▶ ReloadLimit (per minute)
 
 ``Backlog.offer`` and ``Outbox.push`` never wait: they say no, and the session
 decides what that means (an ``error``, then a close). Sizes are in characters of
@@ -117,3 +118,21 @@ class SlidingWindow:
             self._times.popleft()
         self._times.append(now)
         return len(self._times) > self.limit
+
+
+class ReloadLimit:
+    """At most ``per_minute`` reloads in any 60 s (of a clock the caller passes)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._times: collections.deque[float] = collections.deque()
+
+    def take(self, now: float) -> float | None:
+        """Count a reload at ``now``; when that is one too many, count nothing and
+        return the seconds until the next is allowed."""
+        while self._times and now - self._times[0] >= 60:
+            self._times.popleft()
+        if len(self._times) >= self.per_minute:
+            return 60 - (now - self._times[0])
+        self._times.append(now)
+        return None
