@@ -1,55 +1,32 @@
-"""One WebSocket connection's lifecycle.
+"""One WebSocket session: the client's events in, the dialogue's commands carried out.
 
-    ws frames ─▶ receive loop ─ size / binary / JSON / schema checks ─▶ error event
-                      │ valid event
-                      ▼
-                 backlog ─▶ worker: session.update, characters.list/reload, audio, …
-                                  (one at a time, each answered exactly once)
-    worker, reply, STT reader ─▶ Edge (the dialect) ─▶ outbox ─▶ writer ─▶ ws frames
-    close: cancel the worker, kill the session's sandboxes, drop its metric series
+    Connection (frames, bounded both ways) ─▶ jobs ─▶ worker ─▶ Dialogue (decides)
+    Hearing (STT reader): speech, barge-in ─▶ Dialogue at once; end of turn, nudge ─▶ jobs
+    Dialogue's commands ─▶ Speaker (replies), Hearing (audio), CharacterSet (sandbox),
+                           send ─▶ Edge (the client's dialect) ─▶ Connection
+    close: cancel the worker, stop the reply and the STT stream, kill the session's
+           sandboxes, drop its metric series
 
 A thin shell: what to do is the ``Dialogue``'s (``server/conversation/dialogue.py``);
-the session feeds it the client's events and the turns the ``Hearing`` reports, and
-executes its commands with the ``Speaker``, the ``Hearing`` and the ``CharacterSet``.
-The first job on the backlog loads the default directory, so a client's first
-``session.characters.list`` already sees its own characters.
-
-Limits (README "Limits"): every queue of a session is bounded, and nothing a
-client does makes the server wait for it.
-
-- The backlog holds at most ``MAX_BACKLOG_EVENTS`` events and ``MAX_BACKLOG_BYTES``
-  of their frames. An event that finds it full is dropped: the first of a run gets
-  an ``error`` (``rate_limited``), the others none; more than ``MAX_DROPPED_EVENTS``
-  in a row close the session with 1008 "too many events while behind".
-- The outbox holds at most ``MAX_OUTBOX_BYTES`` of events not yet written, and one
-  frame may take the socket at most ``SEND_TIMEOUT`` seconds: past either, the
-  client is not reading; the session closes with 1008 "client not reading", the
-  events still queued dropped.
-- More than ``MAX_INVALID_EVENTS`` refused frames (not JSON, not an event, too
-  large, binary, nested too deep) in ``INVALID_WINDOW`` seconds: one ``error``
-  (``rate_limited``), then a close with 1008 "too many invalid events". Below
-  that, each gets its ``invalid_event`` (or ``message_too_large``) error.
-- A close waits ``CLOSE_TIMEOUT`` seconds at most for the client's close frame,
-  then resets the connection: what the client never read is freed at once.
-
-The receive loop yields to the event loop after every frame, so a client that
-sends as fast as loopback allows delays no other session.
+the session runs one job at a time (each client event answered exactly once, in
+order) and executes the commands the dialogue returns, sending each result back in.
+The first job loads the default directory, so a client's first
+``session.characters.list`` already sees its own characters. The limits on what a
+client may queue or leave unread are the ``Connection``'s (``connection.py``); their
+values are this module's constants (README "Limits").
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
 
 from sandbox import Pool, SandboxError
 
@@ -67,9 +44,9 @@ from ..conversation.settings import SessionSettings
 from ..conversation.speaking import Speaker
 from ..conversation.turns import Action
 from ..errors import ServerSideError, TroupeError, from_sandbox
-from . import protocol
+from .connection import Connection, Limits
 from .dialects import Dialect, Edge
-from .limits import Backlog, Outbox, ReloadLimit, SlidingWindow
+from .limits import ReloadLimit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,6 +84,10 @@ class Session:
         self.ws = ws
         self.dialect = dialect
         self.config = config
+        self.connection: Connection[_Turn | None] = Connection(ws, Limits(
+            config.max_message_bytes, MAX_BACKLOG_EVENTS, MAX_BACKLOG_BYTES,
+            MAX_DROPPED_EVENTS, MAX_OUTBOX_BYTES, SEND_TIMEOUT, MAX_INVALID_EVENTS,
+            INVALID_WINDOW, CLOSE_TIMEOUT), self.id, log)
         self._edge = Edge(dialect)
         self.dialogue = Dialogue(SessionSettings(
             self.id, model, input_audio_format=dialect.audio_format,
@@ -121,17 +102,8 @@ class Session:
         self.hearing = Hearing(stt, send, _weakly_async(self._on_turn),
                                config.nudge_after or None)
         self.speaker = Speaker(llm, tts, send, lead=config.audio_lead, label=self.id)
-        self.started = time.monotonic()
-        self.last_heard = self.started  # the client's last frame (pings do not count)
-        self._jobs: Backlog[events.ClientEventUnion | _Turn | None] = Backlog(
-            MAX_BACKLOG_EVENTS, MAX_BACKLOG_BYTES)
-        self._outbox = Outbox(MAX_OUTBOX_BYTES)
-        self._writer: asyncio.Task[None] | None = None
-        self._sending_since: float | None = None
-        self._closer: asyncio.Task[None] | None = None
-        self._closing = False
-        self._refused = SlidingWindow(MAX_INVALID_EVENTS, INVALID_WINDOW)
         self._reloads = ReloadLimit(config.max_reloads_per_minute)
+        self.started = time.monotonic()
 
     @property
     def settings(self) -> SessionSettings:
@@ -141,46 +113,42 @@ class Session:
     def age(self) -> float:
         return time.monotonic() - self.started
 
+    @property
+    def last_heard(self) -> float:
+        return self.connection.last_heard
+
     async def run(self) -> None:
         """Serve the connection until the client leaves or the session closes it."""
-        writer = self._writer = asyncio.create_task(self._write(), name=f"{self.id}-writer")
+        await self.connection.open()
         worker = asyncio.create_task(self._work(), name=f"{self.id}-worker")
         try:
             await self._execute(self.dialogue.start())
-            self._jobs.put(None)  # the initial load of the default directory
-            await self._receive()
+            self.connection.jobs.put(None)  # the initial load of the default directory
+            await self.connection.receive()
         finally:
             worker.cancel()
             self.speaker.stay()
-            if self._closer is None:  # the client left: what it did not read goes
-                self._outbox.close(drop=True)
-            self._jobs.clear()
+            self.connection.stop()
             # Shielded: a handler cancelled mid-cleanup (a dropped connection under
             # handler_cancellation, a slow shutdown) still stops the reply and the STT
             # stream; the module keeps the task until it is done.
-            teardown = asyncio.ensure_future(self._teardown(worker, writer))
+            teardown = asyncio.ensure_future(self._teardown(worker))
             _teardowns.add(teardown)
             teardown.add_done_callback(_teardowns.discard)
             await asyncio.shield(teardown)
 
-    async def _teardown(self, worker: asyncio.Task[None], writer: asyncio.Task[None]) -> None:
+    async def _teardown(self, worker: asyncio.Task[None]) -> None:
         try:
             await asyncio.gather(worker, return_exceptions=True)
             await self.speaker.cancel()
             await self.hearing.stop()
             self.dialogue.history.clear()  # now, whoever still holds the session
-            if self._closer is not None:
-                await asyncio.gather(self._closer, return_exceptions=True)
-            # The writer ends by itself once its outbox is closed and the connection
-            # over: cancelling it would leave its frame (the session) in a cycle.
-            await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT)
         finally:
-            if not writer.done():
-                writer.cancel()  # a connection that outlived its close
-            self._closing = True  # a late end() (the deadline watcher's) does nothing
-            # Nothing the session started keeps it (and all it holds) in a cycle
-            # until the collector comes round: it goes now.
-            self._writer = self._closer = None
+            await self.connection.finish()
+
+    def end(self, code: int, reason: str, why: str = "", *, flush: bool = True) -> None:
+        """Close the session (``Connection.end``)."""
+        self.connection.end(code, reason, why, flush=flush)
 
     async def close(self) -> None:
         try:
@@ -190,18 +158,7 @@ class Session:
 
     async def send(self, event: events.Outgoing) -> None:
         for shown in self._edge.out(event):
-            if self.ws.closed:
-                return
-            event_type = protocol.tag(type(shown))
-            metrics.WEBSOCKET_EVENTS.labels(event_type, "out").inc()
-            if not self._outbox.push(protocol.encode(shown)):
-                self.end(WSCloseCode.POLICY_VIOLATION, "client not reading", flush=False,
-                         why=f"{self._outbox.size} bytes of events wait for it (the limit "
-                             f"is {MAX_OUTBOX_BYTES})")
-            elif (since := self._sending_since) is not None and (
-                    time.monotonic() - since > SEND_TIMEOUT):
-                self.end(WSCloseCode.POLICY_VIOLATION, "client not reading", flush=False,
-                         why=f"a frame has waited {SEND_TIMEOUT:g} s for it to take data")
+            await self.connection.send(shown)
 
     def _sandbox_died(self, reason: str) -> None:
         """The sandbox died between requests: tell the client now (it restarts, with
@@ -217,135 +174,11 @@ class Session:
     async def send_error(self, error: TroupeError, event_id: str | None = None) -> None:
         await self.send(events.error(error, event_id))
 
-    # ── receiving ────────────────────────────────────────────────────────────
-
-    async def _receive(self) -> None:
-        limit = self.config.max_message_bytes
-        async for message in self.ws:
-            self.last_heard = time.monotonic()
-            if message.type is WSMsgType.TEXT:
-                if len(message.data) > limit:
-                    await self._refuse("oversized", TroupeError(
-                        "message_too_large",
-                        f"a frame of {len(message.data)} bytes exceeds the limit of {limit}; "
-                        "split audio into smaller input_audio_buffer.append events",
-                    ))
-                else:
-                    await self._accept(message.data)
-            elif message.type is WSMsgType.BINARY:
-                await self._refuse("binary", TroupeError(
-                    "invalid_event",
-                    "binary frames are not accepted: send JSON text events "
-                    "(audio goes base64-encoded in input_audio_buffer.append)",
-                ))
-            elif message.type is WSMsgType.ERROR:
-                log.info("%s: connection error: %s", self.id, self.ws.exception())
-                return
-            if self._closing:
-                return  # what the client sends now is read and discarded
-            # Frames already buffered are read without a pause: let the others run.
-            await asyncio.sleep(0)
-
-    async def _accept(self, data: str) -> None:
-        try:
-            event = protocol.decode_client(data)
-        except protocol.InvalidEvent as exc:
-            await self._refuse("invalid", TroupeError("invalid_event", str(exc),
-                                                      param=exc.param), exc.event_id)
-            return
-        event_type = type(event).__struct_config__.tag
-        metrics.WEBSOCKET_EVENTS.labels(event_type, "in").inc()
-        if self._jobs.offer(event, len(data)):
-            return
-        if self._jobs.dropped == 1:
-            await self.send_error(TroupeError(
-                "rate_limited",
-                f"this session is {len(self._jobs)} events behind; this {event_type} and "
-                "the events after it are dropped until it catches up: wait for answers "
-                f"before sending more (after {MAX_DROPPED_EVENTS} dropped, it closes)",
-                details={"backlog_events": len(self._jobs), "backlog_bytes": self._jobs.size},
-            ), event.event_id)
-        elif self._jobs.dropped > MAX_DROPPED_EVENTS:
-            self.end(WSCloseCode.POLICY_VIOLATION, "too many events while behind",
-                     why=f"{self._jobs.dropped} events dropped in a row")
-
-    async def _refuse(self, kind: str, error: TroupeError, event_id: str | None = None) -> None:
-        """A frame that is no event: its error, unless they come too often."""
-        metrics.WEBSOCKET_EVENTS.labels(kind, "in").inc()
-        if not self._refused.hit(time.monotonic()):
-            await self.send_error(error, event_id)
-            return
-        await self.send_error(TroupeError(
-            "rate_limited",
-            f"more than {MAX_INVALID_EVENTS} invalid frames within {INVALID_WINDOW:g} s "
-            f"(the last: {error.message}); the session closes",
-        ), event_id)
-        self.end(WSCloseCode.POLICY_VIOLATION, "too many invalid events",
-                 why=f"more than {MAX_INVALID_EVENTS} in {INVALID_WINDOW:g} s")
-
-    # ── sending and closing ──────────────────────────────────────────────────
-
-    async def _write(self) -> None:
-        """Write the outbox to the socket, in order; ``_sending_since`` says since
-        when the frame being written waits for the client to take data (``send``
-        gives up on a client past ``SEND_TIMEOUT``). Never cancelled while the
-        connection lives: aiohttp's writes wait on one shared drain future, and a
-        cancelled wait cancels it, failing the close frame's wait after it."""
-        while (frame := await self._outbox.get()) is not None:
-            self._sending_since = time.monotonic()
-            try:
-                await self.ws.send_str(frame)
-            except ConnectionError:
-                self._outbox.close(drop=True)  # the client is gone; the receive loop ends
-                return
-            except asyncio.CancelledError:
-                if (task := asyncio.current_task()) is not None and task.cancelling():
-                    raise
-                # aiohttp's shared drain future was cancelled under us (a close that
-                # timed out): the connection is over.
-                self._outbox.close(drop=True)
-                return
-            finally:
-                self._sending_since = None
-
-    def end(self, code: int, reason: str, why: str = "", *, flush: bool = True) -> None:
-        """Close the session, from a task of its own (the first call only counts):
-        the events queued are sent first when ``flush``, else dropped. ``reason``
-        goes in the close frame (at most 123 bytes), ``why`` only to the log."""
-        if not self._closing:
-            self._closing = True
-            log.info("%s: closing with %d, %s: %s", self.id, code, reason, why)
-            self._closer = asyncio.create_task(self._close(code, reason, flush),
-                                               name=f"{self.id}-closer")
-
-    async def _close(self, code: int, reason: str, flush: bool) -> None:
-        """Send what is queued (``flush``) or drop it, then the close frame, and
-        wait for the client's; past ``CLOSE_TIMEOUT``, reset the connection."""
-        self._outbox.close(drop=not flush)  # the writer ends after its current frame
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                if flush and self._writer is not None:
-                    await asyncio.wait({self._writer})
-                await self.ws.close(code=code, message=reason.encode())
-            if self.ws.exception() is None and self.ws.close_code not in (
-                    None, WSCloseCode.ABNORMAL_CLOSURE):
-                return  # the client answered: all it was sent, it read
-        except TimeoutError:
-            pass
-        # The client does not read, so asyncio's transport.close() would keep what it
-        # holds until it does; a reset frees it now (aiohttp exposes the socket only).
-        log.info("%s: no close handshake within %g s; resetting", self.id, CLOSE_TIMEOUT)
-        sock = self.ws.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.shutdown(socket.SHUT_RDWR)
-
     # ── the ordered worker ───────────────────────────────────────────────────
 
     async def _work(self) -> None:
         while True:
-            event = await self._jobs.get()
+            event = await self.connection.jobs.get()
             try:
                 await self._handle(event)
             except TroupeError as exc:
@@ -386,7 +219,7 @@ class Session:
         if action in (Action.SPEECH_STARTED, Action.INTERRUPT):
             await self._execute(self.dialogue.heard(action, at, listening.item_id))
         else:
-            self._jobs.put(_Turn(action, at, listening))
+            self.connection.jobs.put(_Turn(action, at, listening))
 
     async def _turn(self, action: Action, at: float, listening: Listening) -> None:
         if not self.hearing.holds(listening):
