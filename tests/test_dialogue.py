@@ -13,6 +13,7 @@ from server.conversation import dialogue as d
 from server.conversation import events
 from server.conversation.characters import Loaded
 from server.conversation.dialogue import GOODBYE, SILENCE_MARKER, Dialogue
+from server.conversation.history import Conversation
 from server.conversation.listening import Utterance
 from server.conversation.settings import SessionSettings
 from server.conversation.turns import Action
@@ -326,3 +327,35 @@ def test_audio_goes_to_the_hearing_and_a_commit_is_a_user_turn() -> None:
                                 "conversation.item.input_audio_transcription.completed"]
     assert talk.history.messages == [{"role": "user", "content": "push to talk"}]
     assert kinds(cleared) == ["ClearAudio", "input_audio_buffer.cleared"]
+
+
+# ── the history ──────────────────────────────────────────────────────────────
+
+
+def test_the_history_puts_the_prompt_first_and_keeps_a_replys_rounds_in_order() -> None:
+    history = Conversation()
+    history.add_user_text("What time is it?")
+    messages = history.messages_for("You are Ada.")
+    messages.append({"role": "assistant", "tool_calls": [{"id": "c1"}]})
+    messages.append({"role": "tool", "tool_call_id": "c1", "content": "noon"})
+    history.add_user_text("And the date?")  # said while the reply ran
+    history.record(messages[2:])
+
+    assert [m["role"] for m in history.messages] == ["user", "user", "assistant", "tool"]
+    assert history.messages_for("p")[0] == {"role": "system", "content": "p"}
+    assert history.messages_for("p") is not history.messages_for("p")
+
+
+def test_the_history_drops_the_oldest_and_never_starts_with_a_tool_result() -> None:
+    history = Conversation(max_messages=4)
+    history.add_user_text("one")
+    history.record([{"role": "assistant", "tool_calls": [{"id": "c1"}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "x"},
+                    {"role": "assistant", "content": "done"}])
+    history.add_user_text("two")
+
+    # "one" goes, and with it what answered it: a tool result without its call (or
+    # an answer without its question) would be refused by the model's API.
+    assert history.messages == [{"role": "user", "content": "two"}]
+    history.clear()
+    assert history.messages == []
