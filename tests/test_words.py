@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from server.conversation.replies import Words
+from server.realtime.dialects import Words
 
 
 def words_of(pieces: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ sends it for spoken replies.
 
 The events are the conversation's one model, whoever the client is: the edge
 (``server/realtime/dialects.py``) shows them to Unmute's clients as ``response.text.*``
-in whole words (``Words``, cut at ``TextComplete``), and drops the bookkeeping that
+in whole words (cut at ``TextComplete``), and drops the bookkeeping that
 only they read (``unmute.response.audio.delta.ready``, ``unmute.additional_outputs``)
 for OpenAI's.
 """
@@ -26,7 +26,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -159,27 +158,6 @@ async def run_reply(reply: Reply, llm: LLM, sandbox: Sandbox, send: Send,
         await asyncio.shield(send(events.ResponseDone(response=events.ResponseInfo(
             id=response_id, status=status, voice=character, output=output))))
     return text if status == "completed" else None
-
-
-class Words:
-    """The model's text cut into whole words, for Unmute's clients: they show each
-    ``response.text.delta`` as one word and put the spaces between them (Unmute sends
-    the words its TTS speaks), so a piece such as ``" d"`` then ``"ont"`` would read
-    "d ont". ``feed`` returns the words a piece completes; ``flush``, the last one."""
-
-    def __init__(self) -> None:
-        self._pending = ""
-
-    def feed(self, piece: str) -> list[str]:
-        *done, self._pending = _SPACE.split(self._pending + piece)
-        return [word for word in done if word]
-
-    def flush(self) -> list[str]:
-        word, self._pending = self._pending, ""
-        return [word] if word else []
-
-
-_SPACE = re.compile(r"\s+")
 
 
 class AudioOut(Protocol):

@@ -21,12 +21,12 @@ asks the dialect two things, ``greets`` (the character speaks first) and
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ..conversation import events
 from ..conversation.events import Outgoing, ServerEvent, TextComplete
-from ..conversation.replies import Words
 from ..conversation.settings import GA_FORMATS, SessionSettings
 
 # Re-exported: /v1/voices and its tests show voices through the dialects.
@@ -128,6 +128,27 @@ class Edge:
         words = self._words.feed(piece) if piece is not None else self._words.flush()
         return [events.TextDelta(response_id=response_id, item_id=item_id, delta=word)
                 for word in words]
+
+
+class Words:
+    """The model's text cut into whole words, for Unmute's clients: they show each
+    ``response.text.delta`` as one word and put the spaces between them (Unmute sends
+    the words its TTS speaks), so a piece such as ``" d"`` then ``"ont"`` would read
+    "d ont". ``feed`` returns the words a piece completes; ``flush``, the last one."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def feed(self, piece: str) -> list[str]:
+        *done, self._pending = _SPACE.split(self._pending + piece)
+        return [word for word in done if word]
+
+    def flush(self) -> list[str]:
+        word, self._pending = self._pending, ""
+        return [word] if word else []
+
+
+_SPACE = re.compile(r"\s+")
 
 
 def render(dialect: Dialect, settings: SessionSettings) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from aiohttp import WSCloseCode, web
 
-from sandbox import Pool, SandboxError
+from sandbox import Pool, Sandbox, SandboxError
 
 from .. import metrics
 from ..backends.llm import LLM
@@ -115,7 +115,12 @@ class Session:
 
     @property
     def last_heard(self) -> float:
+        """When the client last sent a frame (pings do not count)."""
         return self.connection.last_heard
+
+    @last_heard.setter
+    def last_heard(self, when: float) -> None:
+        self.connection.last_heard = when
 
     async def run(self) -> None:
         """Serve the connection until the client leaves or the session closes it."""
@@ -224,18 +229,15 @@ class Session:
     async def _turn(self, action: Action, at: float, listening: Listening) -> None:
         if not self.hearing.holds(listening):
             return
+        nudge = action is Action.NUDGE
         try:
-            if action is Action.END_TURN:
-                await self._execute(self.dialogue.end_of_turn(listening.take(), at))
-                return
-            try:
-                await self._execute(self.dialogue.nudge())
-            except TroupeError as exc:  # nobody asked: no error event for it
-                log.info("%s: no nudge: %s", self.id, exc.message)
-                self.hearing.reply_ended()
-        except BaseException:
+            await self._execute(self.dialogue.nudge() if nudge
+                                else self.dialogue.end_of_turn(listening.take(), at))
+        except BaseException as exc:
             self.hearing.reply_ended()  # no reply: the turn-taking listens again
-            raise
+            if not (nudge and isinstance(exc, TroupeError)):
+                raise
+            log.info("%s: no nudge: %s", self.id, exc.message)  # nobody asked: no error
 
     # ── executing the dialogue's commands ────────────────────────────────────
 
@@ -250,7 +252,6 @@ class Session:
             result = await self._do(command)
 
     async def _do(self, command: d.Command) -> Any:
-        sandbox = self.characters.sandbox
         match command:
             case d.Send(event=event):
                 await self.send(event)
@@ -259,18 +260,18 @@ class Session:
                 metrics.CHARACTER_LOAD_PER_SESSION.labels(self.id).inc()
                 metrics.SESSION_CHARACTER_COUNT.labels(self.id).set(len(loaded.characters))
                 return loaded
-            case d.ListCharacters() if sandbox is not None:
+            case d.ListCharacters():
                 return self.characters.listed(
-                    await _sandbox_call(sandbox.list(), "listing the characters"))
-            case d.Prompt(character=name) if sandbox is not None:
-                return await _sandbox_call(sandbox.system_prompt(name),
+                    await _sandbox_call(self._sandbox().list(), "listing the characters"))
+            case d.Prompt(character=name):
+                return await _sandbox_call(self._sandbox().system_prompt(name),
                                            f"getting the instructions of {name}")
             case d.Warm(system_prompt=prompt):
                 await self.llm.warm(prompt)
-            case d.StartReply(reply=reply) if sandbox is not None:
+            case d.StartReply(reply=reply):
                 if reply.turn and not self.hearing.expects_reply:
                     return False  # the person went on speaking meanwhile
-                self.speaker.start(reply, sandbox, self.settings.output_audio_format,
+                self.speaker.start(reply, self._sandbox(), self.settings.output_audio_format,
                                    self._finished, self._reply_ended)
                 self.hearing.reply_started()
                 return True
@@ -293,9 +294,14 @@ class Session:
                 await self.hearing.stop()
             case d.Listen():
                 self.hearing.reply_ended()
-            case _:
-                raise AssertionError(f"no sandbox for {command}")  # loaded before asked
         return None
+
+    def _sandbox(self) -> Sandbox:
+        """The set's sandbox (the dialogue asks for it once a set is loaded)."""
+        if self.characters.sandbox is None:
+            raise TroupeError("no_valid_characters", "this session has no characters "
+                              "loaded; send session.characters.reload")
+        return self.characters.sandbox
 
     async def _finished(self, text: str | None) -> None:
         await self._execute(self.dialogue.finished(text))
