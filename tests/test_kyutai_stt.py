@@ -9,15 +9,12 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 import pytest
 from conftest import SCALE, free_port
-from fake_kyutai_stt import (
-    FakeKyutaiSTT,
-    fake_kyutai_stt_fixture,  # noqa: F401 -- registers the fake_kyutai_stt fixture
-)
 
 from server.audio.pcm import SAMPLE_RATE, pcm16_to_float
 from server.backends.errors import BackendUnavailable
 from server.backends.kyutai.stt import FRAME_SAMPLES, SETTLE_STEPS, KyutaiSTT
 from server.backends.speech import EndWord, Event, Flushed, Pause, STTStream, Word
+from tests.fakes.kyutai_stt import FakeKyutaiSTT
 
 CHUNK_SEC = 0.1
 """What a client sends at a time: 2400 samples, not a whole number of frames."""

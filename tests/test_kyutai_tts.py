@@ -10,17 +10,12 @@ from collections.abc import AsyncIterator, Iterable
 import numpy as np
 import pytest
 from conftest import SCALE, free_port
-from fake_kyutai import (
-    FRAME,
-    FakeKyutaiTTS,
-    fake_kyutai_tts_fixture,  # noqa: F401 -- registers the fake_kyutai_tts fixture
-    tone,
-)
 
 from server.audio.pcm import SAMPLE_RATE, pcm16_bytes
 from server.backends.errors import BackendUnavailable
 from server.backends.kyutai.tts import KyutaiTTS, words
 from server.backends.speech import AudioChunk, SpokenWord, TtsEvent
+from tests.fakes.kyutai_tts import FRAME, FakeKyutaiTTS, tone
 
 VOICE = "unmute-prod-website/p329_022.wav"
 

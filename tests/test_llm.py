@@ -8,22 +8,21 @@ from typing import Any
 
 import pytest
 from conftest import SCALE, free_port
-from fake_openai import (
-    FakeOpenAI,
-    call,
-    drop,
-    failure,
-    fake_openai_fixture,  # noqa: F401 -- registers the fake_openai fixture
-    stall,
-    text,
-    tool_calls,
-)
 
 from server.backends.builtin.responder import BuiltinResponder
 from server.backends.errors import BackendUnavailable
 from server.backends.llm import LLM, TextDelta, ToolCallRequest
 from server.backends.openai.chat import OpenAICompatibleLLM
 from server.backends.tool_loop import TOO_MANY_TOOL_ROUNDS, respond
+from tests.fakes.openai_chat import (
+    FakeOpenAI,
+    call,
+    drop,
+    failure,
+    stall,
+    text,
+    tool_calls,
+)
 
 WEATHER = [{
     "type": "function",
