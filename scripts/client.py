@@ -315,7 +315,7 @@ async def connect(url: str, limit: float, verbose: bool = False) -> AsyncIterato
 
 def refused(url: str, exc: aiohttp.WSServerHandshakeError, sent_key: bool) -> str:
     """Why the server turned the handshake away, and what to do."""
-    retry = (exc.headers or {}).get("Retry-After")
+    retry = exc.headers.get("Retry-After") if exc.headers else None
     later = f"; retry in {retry} s" if retry else ""
     match exc.status:
         case 401 if sent_key:

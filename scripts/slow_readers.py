@@ -24,18 +24,15 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .raw_ws import RawClient
-
-REPO = Path(__file__).resolve().parent.parent
+from scripts.measure import REPO, free_port, rss_mb
+from scripts.raw_ws import RawClient
 
 
 @dataclass
@@ -46,23 +43,6 @@ class Tally:
     """Connections the server ended while the client was still sending."""
     refused: int = 0
     rss_mb: list[float] = field(default_factory=list)
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def spawn_server(port: int, log_level: str) -> asyncio.subprocess.Process:

@@ -1,4 +1,4 @@
-"""The voice part of ``make bench`` (scripts/bench_voice.py): its arithmetic, and its
+"""The voice part of ``make bench`` (scripts/bench/voice*.py): its arithmetic, and its
 fakes phase end to end against a real ``python -m server`` (one turn). No timing is
 asserted: the benchmark reports times, the tests check that it measures what it says.
 """
@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts import bench_voice
-from scripts.bench_voice import APPEND, REPLY, SCRIPT, Spread, appends, audio_gaps
+from scripts.bench.voice_client import APPEND, appends, audio_gaps
+from scripts.bench.voice_fakes import REPLY, SCRIPT, measure_fakes
+from scripts.measure import Spread
 
 
 def test_appends_are_80_ms_of_pcm16_the_last_padded() -> None:
@@ -44,7 +45,7 @@ def test_spread_of_nothing_is_empty() -> None:
 async def test_fakes_phase_matches_every_backend_frame_to_a_client_event(
     tmp_path: Path,
 ) -> None:
-    figures = await bench_voice.measure_fakes(tmp_path, runs=1)
+    figures = await measure_fakes(tmp_path, runs=1)
 
     assert figures.added["audio"].count == len(REPLY.split(" "))  # a frame per word
     assert figures.added["text"].count == len(REPLY.split(" "))  # a chunk per word

@@ -1,7 +1,7 @@
-"""The three protocol-faithful fake backends for ``scripts/loadtest.py --spawn-server``,
+"""The three protocol-faithful fake backends for ``python -m scripts.loadtest --spawn-server``,
 in their own process so that their work is not counted as the load generator's.
 
-    python -m scripts.loadtest_fakes '{"utterances": [{"words": [["Hello", 0.3], …],
+    python -m scripts.loadtest.fakes '{"utterances": [{"words": [["Hello", 0.3], …],
                                                         "end": 3.1}, …],
                                        "period": 8.0, "reply": "…", "frames_per_word": 3}'
     stdout ◀── one JSON line: {"stt": "ws://127.0.0.1:…", "tts": "ws://…",
@@ -9,7 +9,7 @@ in their own process so that their work is not counted as the load generator's.
     then serves on 127.0.0.1 until SIGTERM, SIGINT or the end of its stdin (the
     load test closes it, or dies): it never outlives the run that started it.
 
-The fakes are the test suite's own (``tests/fake_*.py``), configured for a long run:
+The fakes are the test suite's own (``tests/fakes``), configured for a long run:
 
 - STT (``LoopingKyutaiSTT``): moshi-server's ``/api/asr-streaming`` exactly, but the
   scripted utterances repeat every ``period`` seconds of audio for as long as a
@@ -225,7 +225,7 @@ def _stdin_readable(stop: asyncio.Event) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m scripts.loadtest_fakes SCRIPT_JSON", file=sys.stderr)
+        print("usage: python -m scripts.loadtest.fakes SCRIPT_JSON", file=sys.stderr)
         return 2
     asyncio.run(serve(json.loads(args[0])))
     return 0

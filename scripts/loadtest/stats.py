@@ -13,9 +13,11 @@ import collections
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
+
+from scripts.loadtest.result import BudgetLine, ErrorExample, Finding, Summary, Turns
+from scripts.measure import percentile
 
 QUANTILES = tuple(range(101))
 """The points of each distribution kept in the JSON file (and drawn in the plot)."""
@@ -23,29 +25,21 @@ EXAMPLES = 20
 """Error and violation details kept per run: the counts are complete, the details not."""
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0–100) of ``values``; None when there are none."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"a percentile is between 0 and 100, got {q}")
-    if len(values) == 0:
-        return None
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
-def summary(values: Sequence[float]) -> dict[str, float | int | None]:
+def summary(values: Sequence[float]) -> Summary:
     """``count``, ``p50``, ``p95``, ``p99``, ``max`` and ``mean`` of ``values``,
     rounded to 0.01; the figures are None when there are no values."""
-    def rounded(value: float | None) -> float | None:
-        return None if value is None else round(value, 2)
-
-    return {
-        "count": len(values),
-        "p50": rounded(percentile(values, 50)),
-        "p95": rounded(percentile(values, 95)),
-        "p99": rounded(percentile(values, 99)),
-        "max": rounded(max(values)) if len(values) else None,
-        "mean": rounded(math.fsum(values) / len(values)) if len(values) else None,
-    }
+    return Summary(
+        count=len(values),
+        p50=rounded(percentile(values, 50)),
+        p95=rounded(percentile(values, 95)),
+        p99=rounded(percentile(values, 99)),
+        max=rounded(max(values)) if len(values) else None,
+        mean=rounded(math.fsum(values) / len(values)) if len(values) else None,
+    )
 
 
 def quantiles(values: Sequence[float]) -> list[float]:
@@ -82,40 +76,6 @@ class Series:
 
 
 @dataclass
-class Turns:
-    """What became of the utterances streaming sessions finished (each is a turn
-    they asked the character to answer).
-
-    ``asked`` = ``answered`` + ``superseded`` + ``in_flight`` + ``unanswered``.
-    Answered: a reply began (``response.created``) after the server took the turn;
-    ``merged`` of them were taken together with the next utterance, because it began
-    before the server had ended the first (one reply for both, as for a person who
-    goes on speaking). Superseded: taken, but the server took the next turn before
-    any reply began (it may have seen the person go on speaking, or lost the
-    turn). In flight: not answered when the session closed, but finished less than
-    the run's ``--timeout`` before; unanswered: finished longer ago. ``unprompted``:
-    replies no utterance asked for (the character speaking after a long silence)."""
-
-    asked: int = 0
-    answered: int = 0
-    merged: int = 0
-    superseded: int = 0
-    in_flight: int = 0
-    unanswered: int = 0
-    unprompted: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"asked": self.asked, "answered": self.answered, "merged": self.merged,
-                "superseded": self.superseded, "in_flight_at_end": self.in_flight,
-                "unanswered": self.unanswered, "unprompted_replies": self.unprompted}
-
-    @property
-    def without_reply(self) -> int:
-        """Turns that never got a reply of their own (in flight ones aside)."""
-        return self.superseded + self.unanswered
-
-
-@dataclass
 class Recorder:
     """Everything the sessions of one run report; times are seconds since its start."""
 
@@ -130,11 +90,11 @@ class Recorder:
     client_lag_ms: Series = field(default_factory=Series)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     error_times: list[float] = field(default_factory=list)
-    error_examples: list[dict[str, Any]] = field(default_factory=list)
+    error_examples: list[ErrorExample] = field(default_factory=list)
     violations: int = 0
     mismatches: int = 0
-    violation_examples: list[dict[str, Any]] = field(default_factory=list)
-    mismatch_examples: list[dict[str, Any]] = field(default_factory=list)
+    violation_examples: list[Finding] = field(default_factory=list)
+    mismatch_examples: list[Finding] = field(default_factory=list)
     responses: collections.Counter[str] = field(default_factory=collections.Counter)
     """``response.done`` by status: completed, cancelled (a barge-in), failed."""
     interruptions: int = 0
@@ -163,18 +123,18 @@ class Recorder:
         self.errors[code] += 1
         self.error_times.append(at)
         if len(self.error_examples) < EXAMPLES:
-            self.error_examples.append({"t": round(at, 2), "code": code,
-                                        "message": message[:300], "session_id": session_id})
+            self.error_examples.append(ErrorExample(round(at, 2), code, message[:300],
+                                                    session_id))
 
     def errors_between(self, start: float, end: float) -> int:
         return sum(1 for t in self.error_times if start <= t < end)
 
-    def violation(self, details: dict[str, Any]) -> None:
+    def violation(self, details: Finding) -> None:
         self.violations += 1
         if len(self.violation_examples) < EXAMPLES:
             self.violation_examples.append(details)
 
-    def mismatch(self, details: dict[str, Any]) -> None:
+    def mismatch(self, details: Finding) -> None:
         self.mismatches += 1
         if len(self.mismatch_examples) < EXAMPLES:
             self.mismatch_examples.append(details)
@@ -201,12 +161,12 @@ class Budget:
             return None
         return self.value <= self.limit if self.at_most else self.value >= self.limit
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "value": self.value, "limit": self.limit,
-                "comparison": "<=" if self.at_most else ">=", "unit": self.unit,
-                "ok": self.ok, "binding": self.binding, "note": self.note}
+    def line(self) -> BudgetLine:
+        """The budget as the result holds it."""
+        return BudgetLine(self.name, self.value, self.limit, "<=" if self.at_most else ">=",
+                          self.unit, self.ok, self.binding, self.note)
 
 
-def passed(budgets: Sequence[Budget]) -> bool:
+def passed(budgets: Sequence[Budget | BudgetLine]) -> bool:
     """Whether no binding budget was missed."""
     return all(budget.ok is not False for budget in budgets if budget.binding)

@@ -1,4 +1,4 @@
-"""The speech every streaming session of ``scripts/loadtest.py`` sends, in a loop.
+"""The speech every streaming session of the load test sends, in a loop.
 
     PHRASE, INTERRUPTION ─ EmbeddedTTS (piper, in this process)
         ─▶ <temp>/troupe-loadtest/<hash>.wav  (made once per machine, reused; never downloaded)
@@ -135,7 +135,7 @@ class Cycle:
         return {min(len(self.appends) - 1, int(u.end / CHUNK_SEC)): u for u in self.utterances}
 
     def stt_script(self) -> dict[str, object]:
-        """What ``scripts.loadtest_fakes`` needs to hear this cycle."""
+        """What ``scripts.loadtest.fakes`` needs to hear this cycle."""
         return {"utterances": [{"words": u.heard(), "end": u.end} for u in self.utterances],
                 "period": self.period, "reply": REPLY,
                 "frames_per_word": TTS_FRAMES_PER_WORD}

@@ -2,9 +2,10 @@
 that runs already (``--url``), and what its HTTP side and ``/proc`` say about it.
 
     --spawn-server:
-      python -m scripts.loadtest_fakes ─▶ fake STT, TTS, LLM on 127.0.0.1 (stdin held)
+      python -m scripts.loadtest.fakes ─▶ fake STT, TTS, LLM on 127.0.0.1 (stdin held)
       python -m server --host 127.0.0.1 --port P --stt/--tts/--llm <the fakes>
-                       --allowed-root <the run's temp dir> …  (env TROUPE_ADMIN_TOKEN=<random>)
+                       --allowed-root <the run's temp dir> …  (a ServerProcess of
+                       scripts/measure.py: env TROUPE_ADMIN_TOKEN=<random>)
       stop(): SIGTERM the server (it closes its sessions and its sandboxes), wait;
               any process that was ever below it and still runs is an orphan,
               killed by pid; then the fakes (stdin closed, SIGTERM), by pid.
@@ -16,42 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
-import os
-import secrets
 import signal
-import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
-from . import loadtest_proc as proc
+from scripts import measure
 
-REPO = Path(__file__).resolve().parent.parent
-_PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 60.0
 
 
 class ServerProblem(Exception):
     """The server could not be started or reached: the run cannot measure anything."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> None:
-    """In a child we start, before exec: SIGTERM it should the load test die."""
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def http_base(ws_url: str) -> str:
@@ -75,8 +58,6 @@ class Target:
     pid: int | None = None
     """Set when the server is a process on this machine whose /proc we can read."""
     spawned: Spawned | None = None
-    seen: dict[int, int] = field(default_factory=dict)
-    """Every process ever seen below the server: pid → start time."""
 
     @property
     def base(self) -> str:
@@ -122,12 +103,14 @@ class Target:
                 "--spawn-server") from None
         pid = body.get("pid")
         if (isinstance(pid, int) and is_loopback(self.ws_url)
-                and proc.stat(pid) is not None and "server" in proc.cmdline(pid)):
+                and measure.stat(pid) is not None and "server" in measure.cmdline(pid)):
             self.pid = pid
 
-    def track(self, below: dict[int, proc.Stat]) -> None:
-        for pid, found in below.items():
-            self.seen.setdefault(pid, found.started)
+    def track(self, below: dict[int, measure.Stat]) -> None:
+        """Remember the processes ``below`` a server this run started, to find the
+        ones that outlive it."""
+        if self.spawned is not None and self.spawned.server is not None:
+            self.spawned.server.watched.track(below)
 
     async def settle(self, http: aiohttp.ClientSession, baseline_children: int | None,
                      limit: float = 20.0) -> dict[str, Any]:
@@ -142,7 +125,7 @@ class Target:
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
                 body = await self.health(http)
             sandbox = body.get("sandbox", {})
-            children = len(proc.descendants(self.pid)) if self.pid else None
+            children = len(measure.descendants(self.pid)) if self.pid else None
             state = (body.get("sessions", {}).get("active"), sandbox.get("pool_idle"),
                      sandbox.get("children"), children)
             full = sandbox.get("pool_idle") == sandbox.get("pool_size")
@@ -165,17 +148,11 @@ class Spawned:
         self.max_sessions = max_sessions
         self.audio_lead = audio_lead
         self.extra_args = extra_args
-        self.admin_token = secrets.token_urlsafe(16)
-        self.port = free_port()
         self.log_path = log_path
         """The server's and the fakes' output (replaced at each run)."""
         self.fakes: asyncio.subprocess.Process | None = None
-        self.server: asyncio.subprocess.Process | None = None
+        self.server: measure.ServerProcess | None = None
         self.fakes_pid: int | None = None
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/realtime?model=loadtest"
 
     def log_tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -187,9 +164,9 @@ class Spawned:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.fakes = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "scripts.loadtest_fakes", json.dumps(self.script),
-                cwd=REPO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=log, preexec_fn=_die_with_parent,
+                sys.executable, "-m", "scripts.loadtest.fakes", json.dumps(self.script),
+                cwd=measure.REPO, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=log, preexec_fn=measure.die_with_parent,
             )
         assert self.fakes.stdout is not None
         try:
@@ -197,64 +174,33 @@ class Spawned:
             urls = json.loads(line)
         except (TimeoutError, ValueError):
             raise ServerProblem("the fake backends did not start (python -m "
-                                f"scripts.loadtest_fakes):\n{self.log_tail()}") from None
+                                f"scripts.loadtest.fakes):\n{self.log_tail()}") from None
         self.fakes_pid = int(urls["pid"])
-        args = [
-            "--host", "127.0.0.1", "--port", str(self.port),
+        self.server = measure.ServerProcess([
             "--stt", urls["stt"], "--tts", urls["tts"], "--llm", urls["llm"],
             "--llm-model", urls["model"], "--allowed-root", str(self.allowed_root),
             "--max-sessions", str(self.max_sessions),
             "--max-reloads-per-minute", "1000000", "--audio-lead", f"{self.audio_lead:g}",
             "--log-level", "WARNING", *self.extra_args,
-        ]
-        with self.log_path.open("ab") as log:
-            self.server = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server", *args, cwd=REPO,
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                env={**os.environ, "TROUPE_ADMIN_TOKEN": self.admin_token},
-                preexec_fn=_die_with_parent,
-            )
-        target = Target(self.ws_url, self.admin_token, self.server.pid, self)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.server.returncode is not None:
-                break
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
-                if (await target.health(http)).get("ok"):
-                    return target
-            await asyncio.sleep(0.1)
-        raise ServerProblem(f"python -m server did not come up on {target.base} "
-                            f"(log {self.log_path}):\n{self.log_tail()}")
+        ], self.log_path)
+        try:
+            await self.server.wait_healthy(http, START_TIMEOUT)
+        except measure.ServerDidNotStart as exc:
+            raise ServerProblem(str(exc)) from None
+        ws_url = self.server.url.replace("http://", "ws://") + "/v1/realtime?model=loadtest"
+        return Target(ws_url, self.server.admin_token, self.server.pid, self)
 
-    async def stop(self, target: Target | None) -> list[dict[str, Any]]:
+    async def stop(self) -> list[measure.Leftover]:
         """Stop the server, then the fakes; returns the processes that outlived the
         server (each then killed)."""
-        orphans: list[dict[str, Any]] = []
+        orphans: list[measure.Leftover] = []
         if self.server is not None:
-            if target is not None and target.pid is not None:
-                target.track(proc.descendants(target.pid))
-            await _terminate(self.server)
-            if target is not None:
-                left = await asyncio.to_thread(_survivors, target.seen, 5.0)
-                for pid in left:
-                    orphans.append({"pid": pid, "cmdline": proc.cmdline(pid)[:200]})
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+            orphans = await asyncio.to_thread(self.server.stop, 20.0)
         if self.fakes is not None:
             if self.fakes.stdin is not None:
                 self.fakes.stdin.close()
             await _terminate(self.fakes)
         return orphans
-
-
-def _survivors(seen: dict[int, int], grace: float) -> list[int]:
-    """The processes of ``seen`` still running after up to ``grace`` seconds."""
-    deadline = time.monotonic() + grace
-    while True:
-        left = [pid for pid, started in seen.items() if proc.alive(pid, started)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
 
 
 async def _terminate(process: asyncio.subprocess.Process, limit: float = 20.0) -> None:

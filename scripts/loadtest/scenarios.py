@@ -1,4 +1,4 @@
-"""The three scenarios of ``scripts/loadtest.py``, and the monitor that watches a run.
+"""The three scenarios of the load test.
 
     capacity      streaming sessions join at --ramp a second (each starts speaking at a
                   random point of its first cycle); every 5 s window is judged (p99
@@ -16,7 +16,7 @@
                   --cycles are done or --duration has passed; the server's RSS is
                   taken idle after a warm-up and again at the end
 
-Each returns an ``Outcome``; ``scripts/loadtest.py`` turns it into the result.
+Each returns an ``Outcome``; ``run.py`` turns it into the ``Result``.
 """
 
 from __future__ import annotations
@@ -26,34 +26,33 @@ import contextlib
 import itertools
 import random
 import re
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 
-from . import loadtest_proc as proc
-from .loadtest_audio import Cycle
-from .loadtest_characters import Directories
-from .loadtest_server import Target
-from .loadtest_sessions import (
-    Failed,
+from scripts import measure
+from scripts.loadtest.audio import Cycle
+from scripts.loadtest.characters import Directories
+from scripts.loadtest.monitor import WINDOW, Monitor
+from scripts.loadtest.result import AdminSnapshot, Capacity, Churn, ReloadStorm, Window
+from scripts.loadtest.roles import (
     Reloader,
-    Run,
-    Session,
     churn_cycle,
+    churn_owner,
     open_or_none,
+    reloader_count,
+    reloader_owner,
     stagger,
 )
-from .loadtest_stats import Budget, percentile
+from scripts.loadtest.server import Target
+from scripts.loadtest.sessions import Failed, Run, Session
+from scripts.loadtest.stats import Budget, rounded
+from scripts.measure import percentile
 
-WINDOW = 5.0
-"""Seconds of one capacity step, and of the lateness shown while running."""
 PHASE = 5.0
 """Seconds of one calm or storm phase of the reload storm, about."""
 MIN_FRAMES = 50
@@ -64,8 +63,6 @@ CPU_PER_SESSION_BUDGET = 0.35
 """% of a core, the server process, per streaming session (compression negotiated)."""
 CAPACITY_BUDGET = 200
 CHURN_BUDGET = 10_000
-PSS_EVERY = 5
-"""Monitor ticks (seconds) between two PSS readings (smaps_rollup is costly)."""
 
 
 @dataclass
@@ -77,8 +74,11 @@ class Outcome:
     """When the load was at its reported level (for memory)."""
     budgets: list[Budget] = field(default_factory=list)
     baseline: list[tuple[float, float]] | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    """The scenario's own section of the result (``capacity``, ``churn``, …)."""
+    capacity: Capacity | None = None
+    reload_storm: ReloadStorm | None = None
+    churn: Churn | None = None
+    """The scenario's own section of the result (one of the three)."""
+    admin: AdminSnapshot | None = None
 
 
 @dataclass
@@ -97,128 +97,6 @@ class Context:
     cycles: int = CHURN_BUDGET
 
 
-# ── the monitor ──────────────────────────────────────────────────────────────
-
-
-class Monitor:
-    """Once a second: a point of the timeline (sessions, memory, CPU, lateness) and
-    the progress line on stderr (rewritten in place on a terminal, else every 10 s)."""
-
-    def __init__(self, run: Run, target: Target, scenario: str, requested: int,
-                 fakes_pid: int | None, progress: bool = True) -> None:
-        self.run = run
-        self.target = target
-        self.scenario = scenario
-        self.requested = requested
-        self.fakes_pid = fakes_pid
-        self.progress = progress
-        self.timeline: list[dict[str, Any]] = []
-        self._previous: tuple[float, dict[str, float]] | None = None
-        self._tty = sys.stderr.isatty()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._watch(), name="loadtest-monitor")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self.progress and self._tty:
-            print(file=sys.stderr, flush=True)
-
-    async def _watch(self) -> None:
-        for tick in itertools.count():
-            await asyncio.sleep(1.0 - (self.run.now() % 1.0))
-            point = await asyncio.to_thread(self.sample, tick % PSS_EVERY == 0)
-            self.timeline.append(point)
-            if self.progress and (self._tty or tick % 10 == 0):
-                self._print(point)
-
-    def sample(self, with_pss: bool) -> dict[str, Any]:
-        """One timeline point (run in a thread: /proc reads take milliseconds)."""
-        run, recorder = self.run, self.run.recorder
-        now = run.now()
-        point: dict[str, Any] = {"t": round(now, 2), "sessions_open": recorder.sessions_open,
-                                 "streaming": recorder.streaming}
-        cpu: dict[str, float] = {"loadtest": time.process_time(),
-                                 "machine": proc.machine_busy_seconds()}
-        if self.target.pid is not None:
-            below = proc.descendants(self.target.pid)
-            self.target.track(below)
-            found = proc.footprint(self.target.pid, below, with_pss=with_pss)
-            point["server_rss_mb"] = round(found.server_rss_mb, 1)
-            point["children"] = found.children
-            if with_pss:
-                point["server_pss_mb"] = round(found.server_pss_mb, 1)
-                point["sandbox_pss_mb"] = round(found.children_pss_mb, 1)
-            cpu["server"] = found.server_cpu_s
-            cpu["sandboxes"] = found.children_cpu_s
-        if self.fakes_pid is not None:
-            cpu["fake backends"] = proc.cpu_seconds(self.fakes_pid)
-        if self._previous is not None:
-            then, before = self._previous
-            elapsed = max(now - then, 1e-6)
-            shares = {key: round(max(0.0, value - before.get(key, value)) / elapsed * 100, 1)
-                      for key, value in cpu.items()}
-            machine = shares.pop("machine")
-            shares["other processes"] = round(max(0.0, machine - sum(shares.values())), 1)
-            point["cpu_percent"] = shares
-        self._previous = (now, cpu)
-        late = recorder.frame_lateness_ms.between(now - WINDOW, now)
-        point["lateness_p99_ms"] = round(p, 2) if (p := percentile(late, 99)) is not None \
-            else None
-        lag = recorder.client_lag_ms.between(now - 1.0, now)
-        point["client_lag_max_ms"] = round(max(lag), 2) if lag else None
-        return point
-
-    def _print(self, point: dict[str, Any]) -> None:
-        recorder = self.run.recorder
-        parts = [f"[{point['t']:5.0f} s] {self.scenario}",
-                 f"sessions {point['sessions_open']}/{self.requested}",
-                 f"streaming {point['streaming']}"]
-        if len(recorder.reload_ms):
-            parts.append(f"reloads {len(recorder.reload_ms)}")
-        if point.get("lateness_p99_ms") is not None:
-            parts.append(f"late p99 {point['lateness_p99_ms']:.1f} ms")
-        if recorder.turns.asked:
-            parts.append(f"turns {recorder.turns.answered}/{recorder.turns.asked}")
-            parts.append(f"interruptions {recorder.interruptions}")
-        parts.append(f"errors {sum(recorder.errors.values())}")
-        parts.append(f"violations {recorder.violations}")
-        if point.get("server_rss_mb") is not None:
-            parts.append(f"RSS {point['server_rss_mb']:.0f} MB")
-        if point.get("cpu_percent"):
-            parts.append("cpu " + " ".join(f"{k.split()[0]} {v:.0f}%"
-                                           for k, v in point["cpu_percent"].items()))
-        line = "  ".join(parts)
-        if self._tty:
-            print(f"\r{line[:160]:<160}", end="", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def cpu_between(self, start: float, end: float) -> dict[str, float]:
-        """Mean CPU share (% of one core) of each process group in (start, end]."""
-        points = [p["cpu_percent"] for p in self.timeline
-                  if "cpu_percent" in p and start < p["t"] <= end]
-        keys = {key for point in points for key in point}
-        return {key: round(sum(p.get(key, 0.0) for p in points) / len(points), 1)
-                for key in sorted(keys)}
-
-    def server_cpu_within(self, windows: list[tuple[float, float]]) -> float | None:
-        """Mean CPU share (% of one core) of the server process over ``windows``."""
-        shares = [p["cpu_percent"]["server"] for p in self.timeline
-                  if "server" in p.get("cpu_percent", {})
-                  and any(start < p["t"] <= end for start, end in windows)]
-        return round(sum(shares) / len(shares), 1) if shares else None
-
-    def pss_near(self, at: float) -> dict[str, Any] | None:
-        """The last point with PSS figures taken at or before ``at`` (else the first)."""
-        with_pss = [p for p in self.timeline if "sandbox_pss_mb" in p]
-        before = [p for p in with_pss if p["t"] <= at + 0.5]
-        return (before or with_pss or [None])[-1]
-
-
 # ── helpers ──────────────────────────────────────────────────────────────────
 
 
@@ -235,7 +113,7 @@ async def _until(run: Run, at: float, stop: asyncio.Event | None = None) -> None
             await stop.wait()
 
 
-async def admin_snapshot(ctx: Context) -> dict[str, Any] | None:
+async def admin_snapshot(ctx: Context) -> AdminSnapshot | None:
     """What the server's admin API says about the live sessions: how many, and the
     median PSS of their sandbox children (the server's own reading)."""
     asked = time.monotonic()
@@ -244,9 +122,8 @@ async def admin_snapshot(ctx: Context) -> dict[str, Any] | None:
         return None
     pss = [s["sandbox_pss_kb"] / 1024 for s in sessions if s.get("sandbox_pss_kb")]
     median = percentile(pss, 50)
-    return {"sessions_listed": len(sessions),
-            "sandbox_pss_mb_median": round(median, 2) if median is not None else None,
-            "answered_in_ms": round((time.monotonic() - asked) * 1000, 1)}
+    return AdminSnapshot(len(sessions), rounded(median),
+                         round((time.monotonic() - asked) * 1000, 1))
 
 
 async def _close_all(sessions: list[Session]) -> None:
@@ -316,7 +193,7 @@ async def capacity(ctx: Context) -> Outcome:
     streamers = Streamers(ctx)
     streamers.start(offsets, begin)
     hold_until = begin + offsets[-1] + ctx.cycle.period + ctx.duration
-    windows: list[dict[str, Any]] = []
+    windows: list[Window] = []
     misses, reason = 0, f"held {ctx.sessions} sessions for --duration {ctx.duration:g} s"
     start = begin
     try:
@@ -333,12 +210,10 @@ async def capacity(ctx: Context) -> Outcome:
             p99 = percentile(late, 99)
             judged = len(late) >= MIN_FRAMES or errors > 0
             ok = judged and errors == 0 and p99 is not None and p99 <= LATENESS_BUDGET_MS
-            windows.append({"start": round(start, 2), "end": round(end, 2), "held": held,
-                            "streaming_mean": round(sum(counts) / len(counts), 1),
-                            "frames": len(late), "errors": errors,
-                            "p99_ms": round(p99, 2) if p99 is not None else None,
-                            "ok": ok if judged else None,
-                            "cpu_percent": ctx.monitor.cpu_between(start, end)})
+            windows.append(Window(round(start, 2), round(end, 2), held,
+                                  round(sum(counts) / len(counts), 1), len(late), errors,
+                                  rounded(p99), ok if judged else None,
+                                  ctx.monitor.cpu_between(start, end)))
             misses = 0 if ok else misses + (1 if judged else 0)
             if misses >= 2:
                 reason = ("frame lateness p99 above 20 ms or errors in two windows in a row "
@@ -350,11 +225,11 @@ async def capacity(ctx: Context) -> Outcome:
         admin = await admin_snapshot(ctx)
     finally:
         await streamers.finish()
-    good = [w for w in windows if w["ok"]]
-    best = max(good, key=lambda w: (w["held"], -w["start"])) if good else None
-    measured = (best["start"], best["end"]) if best else (begin, run.now())
-    held = best["held"] if best else 0
-    cost = cpu_per_session(windows)
+    good = [w for w in windows if w.ok]
+    best = max(good, key=lambda w: (w.held, -w.start)) if good else None
+    measured = (best.start, best.end) if best else (begin, run.now())
+    held = best.held if best else 0
+    per_session, at_one_core = cpu_per_session(windows)
     assessed = ctx.sessions >= CAPACITY_BUDGET
     budget = Budget(
         "sessions streaming in real time, p99 frame lateness <= 20 ms",
@@ -365,40 +240,25 @@ async def capacity(ctx: Context) -> Outcome:
     return Outcome(
         sessions_held=held, measured=[measured], load_at=measured[1],
         budgets=[budget, no_errors],
-        details={"capacity": {"largest_held_within_budget": held, "stopped_because": reason,
-                              **cost, "window_s": WINDOW, "windows": windows},
-                 "admin_api_at_end": admin},
+        capacity=Capacity(held, reason, per_session, at_one_core, WINDOW, windows), admin=admin,
     )
 
 
-def cpu_per_session(windows: list[dict[str, Any]]) -> dict[str, float | None]:
+def cpu_per_session(windows: list[Window]) -> tuple[float | None, int | None]:
     """The server's CPU (% of one core) per streaming session, the slope of a line
     fitted through the windows; and where that line reaches one whole core, the most
     a single event loop could carry if nothing else ran (an upper bound that other
     load on the machine does not move much, unlike the lateness)."""
-    points = [(w["streaming_mean"], w["cpu_percent"]["server"]) for w in windows
-              if w["streaming_mean"] > 0 and "server" in w.get("cpu_percent", {})]
+    points = [(w.streaming_mean, w.cpu_percent["server"]) for w in windows
+              if w.streaming_mean > 0 and "server" in w.cpu_percent]
     if len({x for x, _ in points}) < 2:
-        return {"server_cpu_percent_per_session": None, "sessions_at_one_core": None}
+        return None, None
     slope, intercept = np.polyfit([x for x, _ in points], [y for _, y in points], 1)
-    return {"server_cpu_percent_per_session": round(float(slope), 3),
-            "sessions_at_one_core": round(float((100 - intercept) / slope))
-            if slope > 0 else None}
+    return (round(float(slope), 3),
+            round(float((100 - intercept) / slope)) if slope > 0 else None)
 
 
 # ── reload storm ─────────────────────────────────────────────────────────────
-
-
-def reloader_count(sessions: int, fraction: float) -> int:
-    """How many of ``sessions`` reload: ``fraction`` of them, at least one when the
-    fraction is not 0, and never all (someone must stream for the comparison)."""
-    if fraction <= 0 or sessions < 2:
-        return 0
-    return min(sessions - 1, max(1, round(sessions * fraction)))
-
-
-def reloader_owner(index: int) -> str:
-    return f"r{index:04d}"
 
 
 def storm_phases(start: float, duration: float) -> list[tuple[str, float, float]]:
@@ -459,10 +319,10 @@ async def reload_storm(ctx: Context) -> Outcome:
         lateness_budget(ctx, stormy, "the others, during the storm"),
         Budget("growth of that p99 over the calm phases", growth, STORM_GROWTH_BUDGET_MS),
         Budget("reload p50, 20-character directory, client-observed",
-               _rounded(percentile(reloads, 50)), 30.0,
+               rounded(percentile(reloads, 50)), 30.0,
                note="during the storm, beside the streaming sessions"),
         Budget("reload p99, 20-character directory, client-observed",
-               _rounded(percentile(reloads, 99)), 100.0,
+               rounded(percentile(reloads, 99)), 100.0,
                note="during the storm, beside the streaming sessions"),
         Budget("errors", sum(recorder.errors.values()), 0, unit="",
                note="any code, the whole run"),
@@ -474,26 +334,17 @@ async def reload_storm(ctx: Context) -> Outcome:
     return Outcome(
         sessions_held=held, measured=stormy, baseline=calm, load_at=phases[-1][2],
         budgets=budgets,
-        details={"reload_storm": {
-            "reloading_sessions": len(reloading), "reload_rate_per_session": ctx.reload_rate,
-            "phases_s": [[kind, round(a, 2), round(b, 2)] for kind, a, b in phases],
-            "lateness_p99_calm_ms": _rounded(before),
-            "lateness_p99_storm_ms": _rounded(during), "growth_ms": growth,
-            "server_cpu_percent_calm": server_cpu,
-            "server_cpu_percent_per_streaming_session": per_session},
-            "admin_api_at_end": admin},
+        reload_storm=ReloadStorm(
+            reloading_sessions=len(reloading), reload_rate_per_session=ctx.reload_rate,
+            phases_s=[(kind, round(a, 2), round(b, 2)) for kind, a, b in phases],
+            lateness_p99_calm_ms=rounded(before), lateness_p99_storm_ms=rounded(during),
+            growth_ms=growth, server_cpu_percent_calm=server_cpu,
+            server_cpu_percent_per_streaming_session=per_session),
+        admin=admin,
     )
 
 
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
-
-
 # ── churn ────────────────────────────────────────────────────────────────────
-
-
-def churn_owner(index: int) -> str:
-    return f"w{index:04d}"
 
 
 async def churn(ctx: Context, http: aiohttp.ClientSession, baseline_children: int | None,
@@ -517,12 +368,12 @@ async def churn(ctx: Context, http: aiohttp.ClientSession, baseline_children: in
     await asyncio.gather(*(worker(i, warm) for i in range(ctx.sessions)))
     counter = itertools.count(done)
     await target.settle(http, baseline_children)
-    rss_warm = proc.rss_mb(target.pid) if target.pid else None
+    rss_warm = measure.rss_mb(target.pid) if target.pid else None
     warm_at = run.now()
     await asyncio.gather(*(worker(i, ctx.cycles) for i in range(ctx.sessions)))
     elapsed = run.now() - started
     settled = await target.settle(http, baseline_children)
-    rss_end = proc.rss_mb(target.pid) if target.pid else None
+    rss_end = measure.rss_mb(target.pid) if target.pid else None
     series = leftover_series(await _metrics(target, http), await live_labels(ctx, settled))
     drift = (round((rss_end - rss_warm) / rss_warm * 100, 2)
              if rss_warm and rss_end is not None else None)
@@ -540,14 +391,14 @@ async def churn(ctx: Context, http: aiohttp.ClientSession, baseline_children: in
     return Outcome(
         sessions_held=ctx.sessions, measured=[(started, run.now())], load_at=warm_at,
         budgets=budgets,
-        details={"churn": {
-            "cycles_requested": ctx.cycles, "cycles_done": done,
-            "warm_up_cycles": min(warm, done), "concurrency": ctx.sessions,
-            "cycles_per_second": round(rate, 2), "elapsed_s": round(elapsed, 1),
-            "extrapolated_s_for_10000": round(CHURN_BUDGET / rate, 1) if rate else None,
-            "rss_after_warm_up_mb": _rounded(rss_warm), "rss_at_end_mb": _rounded(rss_end),
-            "rss_drift_percent": drift, "leftover_metric_series": series,
-            "sessions_seen": len(recorder.session_ids)}},
+        churn=Churn(
+            cycles_requested=ctx.cycles, cycles_done=done, warm_up_cycles=min(warm, done),
+            concurrency=ctx.sessions, cycles_per_second=round(rate, 2),
+            elapsed_s=round(elapsed, 1),
+            extrapolated_s_for_10000=round(CHURN_BUDGET / rate, 1) if rate else None,
+            rss_after_warm_up_mb=rounded(rss_warm), rss_at_end_mb=rounded(rss_end),
+            rss_drift_percent=drift, leftover_metric_series=series,
+            sessions_seen=len(recorder.session_ids)),
     )
 
 
@@ -582,41 +433,3 @@ async def live_labels(ctx: Context, health: dict[str, Any]) -> set[str] | None:
     if sessions is None:
         return None
     return {str(s["metrics_label"]) for s in sessions if s.get("metrics_label") is not None}
-
-
-# ── profiling ────────────────────────────────────────────────────────────────
-
-
-class Profiler:
-    """``py-spy record`` on the server while the load runs; stopped with SIGINT
-    (py-spy then writes its output) by its pid."""
-
-    def __init__(self, path: Path, pid: int) -> None:
-        self.path, self.pid = path, pid
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(self.path.suffix, "raw")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        executable = Path(sys.executable).with_name("py-spy")
-        self.process = await asyncio.create_subprocess_exec(
-            str(executable) if executable.exists() else "py-spy", "record",
-            "--pid", str(self.pid), "--rate", "100", "--nonblocking", "--format", fmt,
-            "--output", str(self.path), stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL)
-
-    async def stop(self) -> bool:
-        if self.process is None:
-            return False
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(self.process.wait(), 30)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        return _written(self.path)
-
-
-def _written(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 0

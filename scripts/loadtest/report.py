@@ -1,6 +1,6 @@
 """A load test's result as people read it: the summary table, the JSON file, and a
 self-contained HTML page of charts (inline SVG: no script, no network, no plotting
-library), all made from the one result dictionary.
+library), all made from the one ``Result`` (``result.py``).
 
     result ─▶ table()      the budget lines and the main figures, for the terminal
            ─▶ write_json() every figure, the distributions as 101 percentiles each
@@ -11,11 +11,14 @@ library), all made from the one result dictionary.
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import msgspec
+
+from scripts.loadtest.result import Clients, Result, Summary, Turns, encode
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 DISTRIBUTIONS = (
@@ -45,130 +48,123 @@ def _number(value: Any, unit: str = "") -> str:
     return f"{text} {unit}".strip()
 
 
-def _latency(figures: dict[str, Any] | None) -> str:
-    if not figures or not figures.get("count"):
+def _latency(figures: Summary | None) -> str:
+    if figures is None or not figures.count:
         return "-"
-    return (f"p50 {_number(figures['p50'])} / p95 {_number(figures['p95'])} / "
-            f"p99 {_number(figures['p99'])} / max {_number(figures['max'])} ms "
-            f"(n={figures['count']})")
+    return (f"p50 {_number(figures.p50)} / p95 {_number(figures.p95)} / "
+            f"p99 {_number(figures.p99)} / max {_number(figures.max)} ms "
+            f"(n={figures.count})")
 
 
-def _clients(clients: dict[str, Any] | None) -> str:
-    if not clients:
-        return "-"
-    if clients["interruptions"]:
-        offsets = " / ".join(f"{o:g}" for o in clients["interruption_offsets_s"])
-        parts = [f"interrupt {clients['interruptions_per_cycle']} replies a cycle "
+def _clients(clients: Clients) -> str:
+    if clients.interruptions:
+        offsets = " / ".join(f"{o:g}" for o in clients.interruption_offsets_s)
+        parts = [f"interrupt {clients.interruptions_per_cycle} replies a cycle "
                  f"({offsets} s after their expected first audio)"]
     else:
         parts = ["never interrupt"]
-    if clients["compression"]:
-        parts.append(f"offer {clients['compression']} (negotiated by "
-                     f"{clients['sessions_with_compression']}, refused to "
-                     f"{clients['sessions_refused_compression']})")
+    if clients.compression:
+        parts.append(f"offer {clients.compression} (negotiated by "
+                     f"{clients.sessions_with_compression}, refused to "
+                     f"{clients.sessions_refused_compression})")
     else:
         parts.append("no compression")
     return "; ".join(parts)
 
 
-def _interruptions(result: dict[str, Any]) -> str:
-    made = result.get("interruptions_made")
-    if made is None:
-        return "-"
-    text = str(made)
-    if result.get("interruptions_missed"):
-        text += f" (and {result['interruptions_missed']} that found no reply going)"
-    at = result.get("interrupted_at_ms")
-    points = result.get("distributions", {}).get("interrupted_at_ms")
-    if at and at.get("count") and points:
+def _interruptions(result: Result) -> str:
+    text = str(result.interruptions_made)
+    if result.interruptions_missed:
+        text += f" (and {result.interruptions_missed} that found no reply going)"
+    at = result.interrupted_at_ms
+    points = result.distributions.get("interrupted_at_ms")
+    if at.count and points:
         text += (f"; reply audio received when they began: min {_number(points[0])} / "
-                 f"p50 {_number(at['p50'])} / max {_number(at['max'])} ms")
-    if result.get("stale_frames"):
-        text += f"; frames after their reply ended {result['stale_frames']} (not counted)"
-    if result.get("questions_over_late_replies"):
+                 f"p50 {_number(at.p50)} / max {_number(at.max)} ms")
+    if result.stale_frames:
+        text += f"; frames after their reply ended {result.stale_frames} (not counted)"
+    if result.questions_over_late_replies:
         text += (f"; questions begun while a late reply still played "
-                 f"{result['questions_over_late_replies']}")
+                 f"{result.questions_over_late_replies}")
     return text
 
 
-def _turns(turns: dict[str, Any] | None) -> str:
-    if not turns or not turns.get("asked"):
+def _turns(turns: Turns) -> str:
+    if not turns.asked:
         return "-"
-    return (f"asked {turns['asked']}, answered {turns['answered']} "
-            f"(merged with the next {turns['merged']}), superseded {turns['superseded']}, "
-            f"in flight at the end {turns['in_flight_at_end']}, "
-            f"unanswered {turns['unanswered']}; unprompted replies "
-            f"{turns['unprompted_replies']}")
+    return (f"asked {turns.asked}, answered {turns.answered} "
+            f"(merged with the next {turns.merged}), superseded {turns.superseded}, "
+            f"in flight at the end {turns.in_flight}, "
+            f"unanswered {turns.unanswered}; unprompted replies {turns.unprompted}")
 
 
-def table(result: dict[str, Any]) -> str:
+def table(result: Result) -> str:
     """The summary printed at the end of a run."""
     rows: list[tuple[str, str]] = [
-        ("scenario", f"{result['scenario']} against {result['target']['url']}"
-         + (" (spawned, fake backends)" if result["target"]["spawned"] else "")),
-        ("sessions held / requested",
-         f"{result['sessions_held']} / {result['sessions_requested']}"),
-        ("clients", _clients(result.get("clients"))),
-        ("reload", _latency(result.get("reload_ms"))),
-        ("  the server's duration_ms", _latency(result.get("reload_server_ms"))),
-        ("session start", _latency(result.get("session_start_ms"))),
-        ("first reply audio", _latency(result.get("first_audio_ms"))),
-        ("frame lateness", _latency(result.get("frame_lateness_ms"))),
+        ("scenario", f"{result.scenario} against {result.target.url}"
+         + (" (spawned, fake backends)" if result.target.spawned else "")),
+        ("sessions held / requested", f"{result.sessions_held} / {result.sessions_requested}"),
+        ("clients", _clients(result.clients)),
+        ("reload", _latency(result.reload_ms)),
+        ("  the server's duration_ms", _latency(result.reload_server_ms)),
+        ("session start", _latency(result.session_start_ms)),
+        ("first reply audio", _latency(result.first_audio_ms)),
+        ("frame lateness", _latency(result.frame_lateness_ms)),
     ]
-    if result.get("frame_lateness_baseline_ms"):
-        rows.append(("  in the calm phases", _latency(result["frame_lateness_baseline_ms"])))
+    if result.frame_lateness_baseline_ms:
+        rows.append(("  in the calm phases", _latency(result.frame_lateness_baseline_ms)))
     rows += [
-        ("load generator lag", _latency(result.get("client_loop_lag_ms"))),
-        ("isolation violations", f"{result['isolation_violations']} "
-         f"(mismatched sets {result['reload_mismatches']}, "
-         f"answers checked {result['answers_checked']})"),
+        ("load generator lag", _latency(result.client_loop_lag_ms)),
+        ("isolation violations", f"{result.isolation_violations} "
+         f"(mismatched sets {result.reload_mismatches}, "
+         f"answers checked {result.answers_checked})"),
         ("errors by code", ", ".join(f"{code} {count}" for code, count in
-                                     sorted(result["errors_by_code"].items())) or "none"),
+                                     sorted(result.errors_by_code.items())) or "none"),
         ("replies (response.done)", ", ".join(f"{status} {count}" for status, count in
-                                              sorted(result["responses"].items())) or "none"),
+                                              sorted(result.responses.items())) or "none"),
         ("interruptions made", _interruptions(result)),
-        ("turns", _turns(result.get("turns"))),
-        ("server RSS", _number(result.get("server_rss_mb"), "MB")),
-        ("sandbox PSS per session", _number(result.get("sandbox_pss_mb_per_session"), "MB")),
-        ("memory per session", _number(result.get("memory_mb_per_session"), "MB")
+        ("turns", _turns(result.turns)),
+        ("server RSS", _number(result.server_rss_mb, "MB")),
+        ("sandbox PSS per session", _number(result.sandbox_pss_mb_per_session, "MB")),
+        ("memory per session", _number(result.memory_mb_per_session, "MB")
          + " (server PSS + sandboxes, over the idle server)"),
         ("CPU", ", ".join(f"{name} {share:.0f} %" for name, share in
-                          result.get("cpu_percent", {}).items()) or "-"),
-        ("leftover processes", _number(result.get("leftover_processes"))
-         + (f" (besides {result['warm_children_at_end']} children kept warm on purpose)"
-            if result.get("warm_children_at_end") else "")),
-        ("orphans after server stop", _number(result.get("orphan_processes"))),
+                          result.cpu_percent.items()) or "-"),
+        ("leftover processes", _number(result.leftover_processes)
+         + (f" (besides {result.warm_children_at_end} children kept warm on purpose)"
+            if result.warm_children_at_end else "")),
+        ("orphans after server stop", _number(result.orphan_processes)),
     ]
-    if result.get("admin_api_at_end"):
-        admin = result["admin_api_at_end"]
-        rows.append(("admin API at the end", f"{admin['sessions_listed']} sessions listed, "
-                     f"median sandbox PSS {_number(admin['sandbox_pss_mb_median'], 'MB')}, "
-                     f"answered in {_number(admin['answered_in_ms'], 'ms')}"))
-    for key, label in (("capacity", "capacity"), ("reload_storm", "reload storm"),
-                       ("churn", "churn")):
-        if result.get(key):
-            rows.append((label, ", ".join(f"{k} {_number(v)}" for k, v in result[key].items()
-                                          if not isinstance(v, list | dict))))
+    if (admin := result.admin_api_at_end) is not None:
+        rows.append(("admin API at the end", f"{admin.sessions_listed} sessions listed, "
+                     f"median sandbox PSS {_number(admin.sandbox_pss_mb_median, 'MB')}, "
+                     f"answered in {_number(admin.answered_in_ms, 'ms')}"))
+    for label, section in (("capacity", result.capacity), ("reload storm", result.reload_storm),
+                           ("churn", result.churn)):
+        if section is not None:
+            rows.append((label, ", ".join(
+                f"{k} {_number(v)}" for k, v in msgspec.structs.asdict(section).items()
+                if not isinstance(v, list | dict))))
     width = max(len(label) for label, _ in rows)
     lines = [f"{label.ljust(width)}  {value}" for label, value in rows]
     lines.append("")
     lines.append("budgets (DESIGN.md section 8):")
-    for budget in result["budgets"]:
-        verdict = {True: "ok  ", False: "MISS", None: "n/a "}[budget["ok"]]
-        binding = "" if budget.get("binding", True) else " (for reference)"
-        note = f"  {budget['note']}" if budget.get("note") else ""
-        lines.append(f"  {verdict} {budget['name']}: {_number(budget['value'], budget['unit'])} "
-                     f"{budget['comparison']} {_number(budget['limit'], budget['unit'])}"
+    for budget in result.budgets:
+        verdict = {True: "ok  ", False: "MISS", None: "n/a "}[budget.ok]
+        binding = "" if budget.binding else " (for reference)"
+        note = f"  {budget.note}" if budget.note else ""
+        lines.append(f"  {verdict} {budget.name}: {_number(budget.value, budget.unit)} "
+                     f"{budget.comparison} {_number(budget.limit, budget.unit)}"
                      f"{binding}{note}")
     lines.append("")
-    lines.append("PASSED: every budget met" if result["passed"]
+    lines.append("PASSED: every budget met" if result.passed
                  else "FAILED: a budget or the isolation check failed")
     return "\n".join(lines)
 
 
-def write_json(result: dict[str, Any], path: Path) -> None:
+def write_json(result: Result, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_bytes(encode(result))
 
 
 # ── charts ───────────────────────────────────────────────────────────────────
@@ -248,10 +244,10 @@ def _cdf(points: Sequence[float]) -> tuple[list[float], list[float]]:
     return list(points), list(range(len(points)))
 
 
-def write_html(result: dict[str, Any], path: Path) -> None:
-    distributions = result.get("distributions", {})
+def write_html(result: Result, path: Path) -> None:
+    distributions = result.distributions
     charts = []
-    measured = MEASURED.get(result["scenario"], "")
+    measured = MEASURED.get(result.scenario, "")
     for key, label in DISTRIBUTIONS:
         points = distributions.get(key)
         if points:
@@ -260,34 +256,36 @@ def write_html(result: dict[str, Any], path: Path) -> None:
                 label += measured
             charts.append(line_chart(f"{label} (CDF)", [(key, xs, ys)], "milliseconds",
                                      "percentile"))
-    timeline = result.get("timeline", [])
-    t = [p["t"] for p in timeline]
-    memory = [(label, [p["t"] for p in timeline if p.get(key) is not None],
-               [p[key] for p in timeline if p.get(key) is not None])
-              for key, label in (("server_rss_mb", "server RSS"),
-                                 ("sandbox_pss_mb", "sandboxes PSS (all children)"))]
+    timeline = result.timeline
+    t = [p.t for p in timeline]
+    memory = [("server RSS", [p.t for p in timeline if p.server_rss_mb is not None],
+               [p.server_rss_mb for p in timeline if p.server_rss_mb is not None]),
+              ("sandboxes PSS (all children)",
+               [p.t for p in timeline if p.sandbox_pss_mb is not None],
+               [p.sandbox_pss_mb for p in timeline if p.sandbox_pss_mb is not None])]
     charts.append(line_chart("Memory over time", memory, "seconds", "MB"))
     charts.append(line_chart("Sessions over time", [
-        ("open", t, [p["sessions_open"] for p in timeline]),
-        ("streaming audio", t, [p["streaming"] for p in timeline]),
+        ("open", t, [p.sessions_open for p in timeline]),
+        ("streaming audio", t, [p.streaming for p in timeline]),
     ], "seconds", "sessions"))
-    cpu_keys = sorted({k for p in timeline for k in p.get("cpu_percent", {})})
+    cpu = [(p.t, p.cpu_percent) for p in timeline if p.cpu_percent is not None]
+    cpu_keys = sorted({k for _, shares in cpu for k in shares})
     charts.append(line_chart("CPU over time (100 % = one core)", [
-        (key, [p["t"] for p in timeline if key in p.get("cpu_percent", {})],
-         [p["cpu_percent"][key] for p in timeline if key in p.get("cpu_percent", {})])
+        (key, [at for at, shares in cpu if key in shares],
+         [shares[key] for _, shares in cpu if key in shares])
         for key in cpu_keys], "seconds", "% of a core"))
     charts.append(line_chart("Frame lateness p99 over time (5 s windows)", [
-        ("p99", [p["t"] for p in timeline if p.get("lateness_p99_ms") is not None],
-         [p["lateness_p99_ms"] for p in timeline if p.get("lateness_p99_ms") is not None]),
+        ("p99", [p.t for p in timeline if p.lateness_p99_ms is not None],
+         [p.lateness_p99_ms for p in timeline if p.lateness_p99_ms is not None]),
     ], "seconds", "milliseconds"))
-    steps = (result.get("capacity") or {}).get("windows", [])
-    judged = [w for w in steps if w.get("p99_ms") is not None]
+    steps = result.capacity.windows if result.capacity is not None else []
+    judged = [(w.held, w.p99_ms) for w in steps if w.p99_ms is not None]
     if judged:
         charts.append(line_chart("Capacity: frame lateness p99 against sessions held", [
-            ("p99", [w["held"] for w in judged], [w["p99_ms"] for w in judged]),
-            ("budget (20 ms)", [judged[0]["held"], judged[-1]["held"]], [20.0, 20.0]),
+            ("p99", [held for held, _ in judged], [p99 for _, p99 in judged]),
+            ("budget (20 ms)", [judged[0][0], judged[-1][0]], [20.0, 20.0]),
         ], "sessions held", "milliseconds"))
-    title = f"Troupe load test: {result['scenario']}"
+    title = f"Troupe load test: {result.scenario}"
     page = (
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;"
