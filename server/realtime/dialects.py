@@ -59,18 +59,21 @@ def detect(query: Mapping[str, str], headers: Mapping[str, str]) -> Dialect:
     return Dialect.GA
 
 
-_UNMUTE_ONLY = frozenset(protocol.tag(event) for event in (
+_UNMUTE_ONLY_TYPES: frozenset[type[ServerEvent]] = frozenset({
     events.AdditionalOutputs, events.TextDeltaReady, events.AudioDeltaReady,
-))
+})
 """Unmute's bookkeeping extensions: they mean nothing to OpenAI's clients."""
 
-_UNMUTE_EVENTS = _UNMUTE_ONLY | frozenset(protocol.tag(event) for event in (
+_UNMUTE_TYPES: frozenset[type[ServerEvent]] = _UNMUTE_ONLY_TYPES | {
     events.Error, events.SessionUpdated, events.ResponseCreated, events.TextDelta,
     events.TextDone, events.AudioDelta, events.AudioDone, events.TranscriptionDelta,
     events.SpeechStarted, events.SpeechStopped, events.InterruptedByVad,
     events.CharactersReloaded, events.CharactersListed,
-))
+}
 """The closed union Unmute's client validates every event against, and ours."""
+
+_UNMUTE_ONLY = frozenset(protocol.tag(event) for event in _UNMUTE_ONLY_TYPES)
+_UNMUTE_EVENTS = frozenset(protocol.tag(event) for event in _UNMUTE_TYPES)
 
 
 def accepts(dialect: Dialect, event_type: str) -> bool:
@@ -92,9 +95,9 @@ class Edge:
         """Unmute's: the reply's text not yet a whole word."""
 
     def out(self, event: Outgoing) -> list[ServerEvent]:
-        match event:
-            case TextComplete():
-                return self._words_of(event.response_id, event.item_id, None)
+        match event:  # the few the edge completes; audio deltas go straight past
+            case TextComplete(response_id=response_id, item_id=item_id):
+                return self._words_of(response_id, item_id, None)
             case events.SessionCreated(session=SessionSettings() as settings):
                 event = events.SessionCreated(
                     event_id=event.event_id, session=render(self.dialect, settings))
@@ -107,7 +110,7 @@ class Edge:
             return self._unmute(event)
         if self.dialect is Dialect.GA:
             event = protocol.to_ga(event)
-        return [event] if accepts(self.dialect, protocol.tag(type(event))) else []
+        return [] if type(event) in _UNMUTE_ONLY_TYPES else [event]
 
     def _unmute(self, event: ServerEvent) -> list[ServerEvent]:
         match event:
@@ -117,7 +120,7 @@ class Edge:
             case events.AudioTranscriptDone():
                 return [events.TextDone(response_id=event.response_id,
                                         item_id=event.item_id, text=event.transcript)]
-        return [event] if protocol.tag(type(event)) in _UNMUTE_EVENTS else []
+        return [event] if type(event) in _UNMUTE_TYPES else []
 
     def _words_of(self, response_id: str, item_id: str,
                   piece: str | None) -> list[ServerEvent]:
