@@ -22,7 +22,7 @@ stopped. Should this process die, each child gets SIGTERM from the kernel
 ``bench-results/cluster/``), with the HAProxy configuration used.
 
 ``--loadtest-backends`` also starts the load test's protocol-faithful fake STT, TTS
-and LLM (``scripts/loadtest_fakes.py``, scripted for ``scripts.loadtest --scenario
+and LLM (``scripts/loadtest/fakes.py``, scripted for ``scripts.loadtest --scenario
 capacity`` with its default speech, seed and audio lead) and points every replica at
 them, so that ``python -m scripts.loadtest --url <the front> --scenario capacity``
 measures the cluster's capacity.
@@ -33,15 +33,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import functools
 import json
 import os
+import random
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,13 +51,14 @@ from typing import TextIO
 
 import aiohttp
 
+from scripts.measure import descendants, die_with_parent, free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "deploy" / "haproxy.cfg"
 INSTALL_HINT = "install them with: apt-get install haproxy redis-server"
 START_TIMEOUT = 60.0
 STOP_MARGIN = 15.0
 """Seconds a replica may take to exit beyond its drain before it is killed."""
-_PR_SET_PDEATHSIG = 1
 _PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
 
 
@@ -69,13 +69,6 @@ class ClusterProblem(Exception):
 def find_binary(name: str) -> str | None:
     """``name`` on PATH, or in /usr/sbin and /sbin (not on a user's PATH on Debian)."""
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def render(template: str, *, bind: str, servers: Sequence[tuple[str, int]],
@@ -104,34 +97,11 @@ def check_config(haproxy: str, path: Path) -> str | None:
     return None if done.returncode == 0 else done.stdout + done.stderr
 
 
-def descendants(root: int) -> list[int]:
-    """Every live process below ``root`` (children, theirs, …), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if fields and fields[0] != "Z":
-            parents[int(entry)] = int(fields[1])
-    below: list[int] = []
-    todo = [root]
-    while todo:
-        parent = todo.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        below.extend(children)
-        todo.extend(children)
-    return below
-
-
-def _die_with_parent() -> None:
+def _own_group_dying_with_us() -> None:
     """In a child, before exec: its own process group (Ctrl-C reaches this process
     only, which forwards it), and SIGTERM should this process die."""
     os.setpgid(0, 0)
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    die_with_parent()
 
 
 @dataclass
@@ -220,7 +190,7 @@ class Cluster:
                     sys.executable, "-m", "server", "--host", "127.0.0.1", "--port",
                     str(port), *common, *extra, cwd=REPO, env=env,
                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                    preexec_fn=_die_with_parent)
+                    preexec_fn=_own_group_dying_with_us)
             drain = _drain_timeout([*common, *extra], env)
             self.replicas.append(Replica(name, port, process, log, drain))
             starting.append(self._until_up(self.replicas[-1]))
@@ -241,9 +211,9 @@ class Cluster:
                      stdout: int | TextIO | None = None) -> asyncio.subprocess.Process:
         with (self.log_dir / f"{name}.log").open("wb") as out:
             process = await asyncio.create_subprocess_exec(
-                *argv, cwd=self.log_dir, stdin=asyncio.subprocess.PIPE,
+                *argv, cwd=REPO, stdin=asyncio.subprocess.PIPE,
                 stdout=stdout if stdout is not None else out, stderr=out,
-                preexec_fn=_die_with_parent)
+                preexec_fn=_own_group_dying_with_us)
         self._others[name] = process
         return process
 
@@ -260,7 +230,8 @@ class Cluster:
         port = free_port()
         await self._spawn("redis", [binary, "--bind", "127.0.0.1", "--port", str(port),
                                     "--save", "", "--appendonly", "no",
-                                    "--daemonize", "no", "--loglevel", "warning"])
+                                    "--daemonize", "no", "--loglevel", "warning",
+                                    "--dir", str(self.log_dir)])
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
@@ -277,17 +248,22 @@ class Cluster:
 
     async def _start_fakes(self) -> list[str]:
         """The load test's fake backends, scripted for its capacity scenario."""
-        from . import loadtest  # only here: it loads the speech synthesiser's modules
+        # Only here: the load test loads the speech synthesiser's modules.
+        from scripts.loadtest.cli import parse_args
+        from scripts.loadtest.run import prepare
 
-        args = loadtest.parse_args(["--scenario", "capacity"])
-        prepared = loadtest.prepare(args, loadtest.random.Random(args.seed))
+        args = parse_args(["--scenario", "capacity"])
+        prepared = await asyncio.to_thread(prepare, args, random.Random(args.seed))
         shutil.rmtree(prepared.workdir, ignore_errors=True)
         script = json.dumps(prepared.cycle.stt_script())
-        fakes = await self._spawn("fakes", [sys.executable, "-m", "scripts.loadtest_fakes",
+        fakes = await self._spawn("fakes", [sys.executable, "-m", "scripts.loadtest.fakes",
                                             script], stdout=asyncio.subprocess.PIPE)
         assert fakes.stdout is not None
-        line = await asyncio.wait_for(fakes.stdout.readline(), START_TIMEOUT)
-        urls = json.loads(line)
+        try:
+            urls = json.loads(await asyncio.wait_for(fakes.stdout.readline(), START_TIMEOUT))
+        except (TimeoutError, ValueError):
+            raise ClusterProblem("the load test's fake backends did not start (log "
+                                 f"{self.log_dir / 'fakes.log'})") from None
         return ["--stt", urls["stt"], "--tts", urls["tts"], "--llm", urls["llm"],
                 "--llm-model", urls["model"], "--max-reloads-per-minute", "1000000"]
 
@@ -343,7 +319,7 @@ async def stop_process(process: asyncio.subprocess.Process, how: signal.Signals,
     """Send ``how`` to ``process`` and wait up to ``limit`` s; then SIGKILL it and
     every process still below it. Returns its exit status."""
     if process.returncode is None:
-        below = descendants(process.pid)
+        below = list(descendants(process.pid))
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(how)
         try:
@@ -391,27 +367,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    """Start the cluster, wait for Ctrl-C or SIGTERM, forward it; 1 when the cluster
+    could not start. Whatever happens, everything started is stopped."""
     cluster = Cluster([args.server_arg] * args.replicas, args.log_dir, port=args.port,
                       check_interval=args.check_interval, redis=args.redis,
                       loadtest_backends=args.loadtest_backends)
-    loop = asyncio.get_running_loop()
     signalled = asyncio.Queue[signal.Signals]()
     for how in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(how, signalled.put_nowait, how)
+        asyncio.get_running_loop().add_signal_handler(how, signalled.put_nowait, how)
+    started = asyncio.ensure_future(cluster.start())
+    early = asyncio.ensure_future(signalled.get())
     try:
-        started = asyncio.ensure_future(cluster.start())
-        waiting = asyncio.ensure_future(signalled.get())
-        await asyncio.wait({started, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({started, early}, return_when=asyncio.FIRST_COMPLETED)
         if not started.done():
             started.cancel()
-            await cluster.stop(signal.SIGINT)
+            with contextlib.suppress(asyncio.CancelledError, ClusterProblem):
+                await started
             return 130
-        waiting.cancel()
+        early.cancel()
         started.result()
+        announce(cluster, args.loadtest_backends)
+        how = await signalled.get()
+        print(f"cluster: {how.name}: stopping the replicas"
+              + (" (they drain; Ctrl-C to stop at once)" if how == signal.SIGTERM else ""),
+              file=sys.stderr, flush=True)
+        stopping = asyncio.ensure_future(cluster.stop(how))
+        again = asyncio.ensure_future(signalled.get())
+        await asyncio.wait({stopping, again}, return_when=asyncio.FIRST_COMPLETED)
+        if again.done():  # a second signal: the replicas stop at once (SIGINT)
+            for replica in cluster.replicas:
+                with contextlib.suppress(ProcessLookupError):
+                    replica.process.send_signal(signal.SIGINT)
+        again.cancel()
+        await stopping
+        return 0
     except ClusterProblem as exc:
         print(f"cluster: {exc}", file=sys.stderr)
-        await cluster.stop(signal.SIGINT)
         return 1
+    finally:
+        await cluster.stop(signal.SIGINT)  # whatever is still running
+
+
+def announce(cluster: Cluster, loadtest_backends: bool) -> None:
     for replica in cluster.replicas:
         print(f"  {replica.name}  {replica.url}  pid {replica.pid}  log {replica.log}")
     print(f"  state   {cluster.redis_url or 'none (resume stays on one replica)'}")
@@ -420,23 +417,8 @@ async def serve(args: argparse.Namespace) -> int:
           f"({cluster.ws_url}?model=...). Ctrl-C stops it.")
     print(f"Measure it: .venv/bin/python -m scripts.loadtest --url "
           f"'{cluster.ws_url}?model=loadtest' --scenario capacity"
-          + ("" if args.loadtest_backends else " (start the cluster with "
-             "--loadtest-backends for that)"), flush=True)
-    how = await signalled.get()
-    print(f"cluster: {how.name}: stopping the replicas"
-          + (" (they drain; Ctrl-C again to stop at once)" if how == signal.SIGTERM else ""),
-          file=sys.stderr, flush=True)
-    stopping = asyncio.ensure_future(cluster.stop(how))
-    again = asyncio.ensure_future(signalled.get())
-    await asyncio.wait({stopping, again}, return_when=asyncio.FIRST_COMPLETED)
-    if again.done():
-        for replica in cluster.replicas:
-            with contextlib.suppress(ProcessLookupError):
-                replica.process.send_signal(signal.SIGINT)
-    else:
-        again.cancel()
-    await stopping
-    return 0
+          + ("" if loadtest_backends else " (start the cluster with --loadtest-backends "
+             "for that)"), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,8 @@ import aiohttp
 import pytest
 from conftest import SCALE, Realtime, character_source, write_directory
 
-from scripts.cluster import Cluster, Replica, descendants, find_binary
+from scripts.cluster import Cluster, Replica, find_binary
+from scripts.measure import alive, descendants
 
 pytestmark = pytest.mark.skipif(
     find_binary("haproxy") is None,
@@ -88,14 +89,6 @@ async def where(http: aiohttp.ClientSession, cluster: Cluster,
     """Each replica's name → the sessions it holds."""
     held = {replica.name: await session_ids(http, replica) for replica in cluster.replicas}
     return {name: [s for s in sessions if s.id in ids] for name, ids in held.items()}
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 async def test_sixty_sessions_spread_evenly_and_reload_and_list_through_the_balancer(
@@ -185,7 +178,7 @@ async def test_sigterm_to_one_replica_closes_its_sessions_with_1001_and_only_tho
         for session in [*spared, arrived]:  # nothing but the answer to their own request
             assert await session.names()
         for _ in range(int(100 * SCALE)):
-            if not any(alive(pid) for pid in below):
+            if not any(alive(pid, found.started) for pid, found in below.items()):
                 break
             await asyncio.sleep(0.05)
-        assert not any(alive(pid) for pid in below)
+        assert not any(alive(pid, found.started) for pid, found in below.items())

@@ -131,7 +131,7 @@ async def execute(args: argparse.Namespace, prepared: Prepared, rng: random.Rand
             target = Target(args.url, os.environ.get("TROUPE_ADMIN_TOKEN") or None)
             await target.locate(http)
         log(f"{args.scenario} against {target.ws_url}"
-            + ("" if target.pid else " (not a local process: no /proc figures)"))
+            + ("" if target.pid else " (not one local process: no /proc figures)"))
         result = await measure_run(args, target, prepared.cycle, prepared.directories, rng,
                                    http, spawned.fakes_pid if spawned else None)
     finally:

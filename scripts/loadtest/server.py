@@ -92,7 +92,9 @@ class Target:
             return None
 
     async def locate(self, http: aiohttp.ClientSession) -> None:
-        """Ask ``/v1/health`` for the pid; keep it if that process is here. Raises
+        """Ask ``/v1/health`` for the pid; keep it if that process is here, and the only
+        one answering (behind a balancer, ``make cluster``, each request may reach
+        another replica: one replica's /proc figures are not the cluster's). Raises
         ``ServerProblem`` when the server does not answer."""
         try:
             body = await self.health(http)
@@ -102,6 +104,10 @@ class Target:
                 " start one (`make run`), or let the load test start its own with "
                 "--spawn-server") from None
         pid = body.get("pid")
+        for _ in range(3):
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                if (await self.health(http)).get("pid") != pid:
+                    return
         if (isinstance(pid, int) and is_loopback(self.ws_url)
                 and measure.stat(pid) is not None and "server" in measure.cmdline(pid)):
             self.pid = pid
