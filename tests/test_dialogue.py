@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sandbox import CharacterInfo
-from server.conversation import dialogue as d
+from server.conversation import commands as do
 from server.conversation import events
 from server.conversation.characters import Loaded
 from server.conversation.dialogue import GOODBYE, SILENCE_MARKER, Dialogue
@@ -37,9 +37,9 @@ class Run:
                  cancelled: bool = True, utterance: Utterance | None = None) -> None:
         self.load, self.started, self.cancelled = load, started, cancelled
         self.utterance = utterance
-        self.commands: list[d.Command] = []
+        self.commands: list[do.Command] = []
 
-    def __call__(self, steps: d.Steps) -> list[d.Command]:
+    def __call__(self, steps: do.Steps) -> list[do.Command]:
         self.commands = []
         result: Any = None
         while True:
@@ -50,29 +50,29 @@ class Run:
             self.commands.append(command)
             result = self._answer(command)
 
-    def _answer(self, command: d.Command) -> Any:
+    def _answer(self, command: do.Command) -> Any:
         match command:
-            case d.Load():
+            case do.Load():
                 return self.load
-            case d.Prompt(character=name):
+            case do.Prompt(character=name):
                 return f"{name}'s prompt"
-            case d.StartReply():
+            case do.StartReply():
                 return self.started
-            case d.CancelReply():
+            case do.CancelReply():
                 return self.cancelled
-            case d.StopReply():
+            case do.StopReply():
                 return "the stopped reply" if self.cancelled else None
-            case d.Commit():
+            case do.Commit():
                 return self.utterance
-            case d.ListCharacters():
+            case do.ListCharacters():
                 return events.CharactersListed(directory="/chars", character_count=0,
                                                characters=[])
         return None
 
 
-def sent(commands: list[d.Command]) -> list[str]:
+def sent(commands: list[do.Command]) -> list[str]:
     """The types of the events sent, in order."""
-    return [events_tag(c.event) for c in commands if isinstance(c, d.Send)]
+    return [events_tag(c.event) for c in commands if isinstance(c, do.Send)]
 
 
 def events_tag(event: events.Outgoing) -> str:
@@ -80,13 +80,13 @@ def events_tag(event: events.Outgoing) -> str:
     return tag if isinstance(tag, str) else type(event).__name__
 
 
-def kinds(commands: list[d.Command]) -> list[str]:
-    return [type(c).__name__ if not isinstance(c, d.Send) else events_tag(c.event)
+def kinds(commands: list[do.Command]) -> list[str]:
+    return [type(c).__name__ if not isinstance(c, do.Send) else events_tag(c.event)
             for c in commands]
 
 
-def replies(commands: list[d.Command]) -> list[d.Reply]:
-    return [c.reply for c in commands if isinstance(c, d.StartReply)]
+def replies(commands: list[do.Command]) -> list[do.Reply]:
+    return [c.reply for c in commands if isinstance(c, do.StartReply)]
 
 
 def dialogue(*characters: CharacterInfo, greets: bool = False) -> Dialogue:
@@ -107,12 +107,12 @@ def say(text: str) -> events.ItemCreate:
 def test_a_session_starts_with_its_settings_and_loads_quietly() -> None:
     talk = Dialogue(SessionSettings("sess_1", None))
     [created] = Run()(talk.start())
-    assert isinstance(created, d.Send) and isinstance(created.event, events.SessionCreated)
+    assert isinstance(created, do.Send) and isinstance(created.event, events.SessionCreated)
     assert created.event.session is talk.settings  # the edge renders them for the dialect
 
     commands = Run(load=loaded(ADA))(talk.load("default", answer=False))
 
-    assert commands == [d.Load("default"), d.CancelReply()]
+    assert commands == [do.Load("default"), do.CancelReply()]
     assert talk.characters == [ADA]
 
 
@@ -140,7 +140,7 @@ def test_select_a_character_by_name_or_voice_path() -> None:
     commands = run(talk.receive(events.SessionUpdate(session=events.SessionFields(
         voice="piper/joe/Bea"))))
 
-    assert commands[:3] == [d.CancelReply(), d.Prompt("Bea"), d.Warm("Bea's prompt")]
+    assert commands[:3] == [do.CancelReply(), do.Prompt("Bea"), do.Warm("Bea's prompt")]
     assert sent(commands) == ["session.updated"]
     assert talk.settings.voice == "Bea"
     # Selecting the same one again changes nothing.
@@ -200,7 +200,7 @@ def test_one_reply_at_a_time_and_a_cancel_needs_one() -> None:
     with pytest.raises(TroupeError, match="already in progress"):
         run(talk.receive(events.ResponseCreate()))
 
-    assert run(talk.receive(events.ResponseCancel())) == [d.CancelReply()]
+    assert run(talk.receive(events.ResponseCancel())) == [do.CancelReply()]
     talk.reply_ended(reply.number)  # its task ends after the cancel: changes nothing
     assert replies(run(talk.receive(events.ResponseCreate())))
 
@@ -210,7 +210,7 @@ def test_one_reply_at_a_time_and_a_cancel_needs_one() -> None:
 
 def test_a_reply_that_ends_with_goodbye_parts() -> None:
     talk = dialogue(ADA)
-    assert Run()(talk.finished(f"It was a pleasure. {GOODBYE}  ")) == [d.Part()]
+    assert Run()(talk.finished(f"It was a pleasure. {GOODBYE}  ")) == [do.Part()]
     assert Run()(talk.finished("Goodbye is a word.")) == []
     assert Run()(talk.finished(None)) == []
 
@@ -239,7 +239,7 @@ def test_an_end_of_turn_with_words_cancels_commits_and_replies() -> None:
         "StartReply",
     ]
     stopped = commands[0]
-    assert isinstance(stopped, d.Send) and isinstance(stopped.event, events.SpeechStopped)
+    assert isinstance(stopped, do.Send) and isinstance(stopped.event, events.SpeechStopped)
     assert (stopped.event.item_id, stopped.event.audio_end_ms) == ("item_1", 2250)
     [reply] = replies(commands)
     assert reply.turn and reply.number != old.number
@@ -269,7 +269,7 @@ def test_a_barge_in_stops_the_reply_before_anything_else_is_said() -> None:
 
     assert kinds(commands) == ["StopReply", "input_audio_buffer.speech_started",
                                "unmute.interrupted_by_vad", "AwaitReply"]
-    assert commands[-1] == d.AwaitReply("the stopped reply")
+    assert commands[-1] == do.AwaitReply("the stopped reply")
     assert not talk.replying
     # The start of speech alone is only told.
     assert kinds(run(talk.heard(Action.SPEECH_STARTED, 0.5, "item_3"))) == [
@@ -318,7 +318,7 @@ def test_audio_goes_to_the_hearing_and_a_commit_is_a_user_turn() -> None:
     talk = dialogue(ADA)
     run = Run(utterance=Utterance("item_9", "push to talk", 2.0))
 
-    assert run(talk.receive(events.AudioAppend(audio="AAAA"))) == [d.Hear("AAAA")]
+    assert run(talk.receive(events.AudioAppend(audio="AAAA"))) == [do.Hear("AAAA")]
     committed = run(talk.receive(events.AudioCommit()))
     cleared = run(talk.receive(events.AudioClear()))
 

@@ -42,7 +42,7 @@ from ..backends.speech import AudioChunk, TextToSpeech
 from ..backends.tool_loop import respond
 from ..errors import ServerSideError, from_sandbox
 from . import events
-from .dialogue import Reply
+from .commands import Reply
 
 log = logging.getLogger(__name__)
 

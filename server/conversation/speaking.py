@@ -19,7 +19,7 @@ from sandbox import Sandbox
 
 from ..backends.llm import LLM
 from ..backends.speech import TextToSpeech
-from .dialogue import Reply
+from .commands import Reply
 from .replies import AudioOut, OpusOut, Pcm16Out, Send, Speaking, run_reply
 
 log = logging.getLogger(__name__)

@@ -34,10 +34,11 @@ from .. import metrics
 from ..backends.llm import LLM
 from ..backends.speech import SpeechToText, TextToSpeech
 from ..config import Config
-from ..conversation import dialogue as d
+from ..conversation import commands as do
 from ..conversation import events
 from ..conversation.characters import CharacterSet
-from ..conversation.dialogue import Dialogue, Reply
+from ..conversation.commands import Reply
+from ..conversation.dialogue import Dialogue
 from ..conversation.hearing import Hearing
 from ..conversation.listening import Listening
 from ..conversation.settings import SessionSettings
@@ -241,7 +242,7 @@ class Session:
 
     # ── executing the dialogue's commands ────────────────────────────────────
 
-    async def _execute(self, steps: d.Steps) -> None:
+    async def _execute(self, steps: do.Steps) -> None:
         """Run ``steps``, each command's result sent back in."""
         result: Any = None
         while True:
@@ -251,48 +252,48 @@ class Session:
                 return
             result = await self._do(command)
 
-    async def _do(self, command: d.Command) -> Any:
+    async def _do(self, command: do.Command) -> Any:
         match command:
-            case d.Send(event=event):
+            case do.Send(event=event):
                 await self.send(event)
-            case d.Load(directory=directory):
+            case do.Load(directory=directory):
                 loaded = await self.characters.load(directory)
                 metrics.CHARACTER_LOAD_PER_SESSION.labels(self.id).inc()
                 metrics.SESSION_CHARACTER_COUNT.labels(self.id).set(len(loaded.characters))
                 return loaded
-            case d.ListCharacters():
+            case do.ListCharacters():
                 return self.characters.listed(
                     await _sandbox_call(self._sandbox().list(), "listing the characters"))
-            case d.Prompt(character=name):
+            case do.Prompt(character=name):
                 return await _sandbox_call(self._sandbox().system_prompt(name),
                                            f"getting the instructions of {name}")
-            case d.Warm(system_prompt=prompt):
+            case do.Warm(system_prompt=prompt):
                 await self.llm.warm(prompt)
-            case d.StartReply(reply=reply):
+            case do.StartReply(reply=reply):
                 if reply.turn and not self.hearing.expects_reply:
                     return False  # the person went on speaking meanwhile
                 self.speaker.start(reply, self._sandbox(), self.settings.output_audio_format,
                                    self._finished, self._reply_ended)
                 self.hearing.reply_started()
                 return True
-            case d.CancelReply():
+            case do.CancelReply():
                 return await self.speaker.cancel()
-            case d.StopReply():
+            case do.StopReply():
                 return self.speaker.stop()
-            case d.AwaitReply(handle=asyncio.Task() as stopping):
+            case do.AwaitReply(handle=asyncio.Task() as stopping):
                 await asyncio.wait({stopping})
-            case d.Part():
+            case do.Part():
                 log.info("%s: the character said goodbye; closing", self.id)
                 self.speaker.part(lambda: self.end(WSCloseCode.OK, "the character said goodbye"))
-            case d.Hear(audio=audio):
+            case do.Hear(audio=audio):
                 await self.hearing.append(audio, self.settings, self.speaker.active)
-            case d.Commit():
+            case do.Commit():
                 return await self.hearing.commit()
-            case d.ClearAudio():
+            case do.ClearAudio():
                 await self.hearing.clear()
-            case d.StopListening():
+            case do.StopListening():
                 await self.hearing.stop()
-            case d.Listen():
+            case do.Listen():
                 self.hearing.reply_ended()
         return None
 
