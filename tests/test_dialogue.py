@@ -18,6 +18,7 @@ from server.conversation.listening import Utterance
 from server.conversation.settings import SessionSettings
 from server.conversation.turns import Action
 from server.errors import TroupeError
+from server.realtime.limits import ReloadLimit
 
 ADA = CharacterInfo("Ada", "ada.py", {"source_type": "file", "path_on_server": "v/ada.wav"})
 BEA = CharacterInfo("Bea", "bea.py", {"source_type": "piper", "voice": "joe"})
@@ -359,3 +360,15 @@ def test_the_history_drops_the_oldest_and_never_starts_with_a_tool_result() -> N
     assert history.messages == [{"role": "user", "content": "two"}]
     history.clear()
     assert history.messages == []
+
+
+# ── the session's reload rate (realtime/limits.py, as pure as the dialogue) ──
+
+
+def test_reloads_are_limited_per_minute_on_the_clock_given() -> None:
+    limit = ReloadLimit(per_minute=2)
+    assert limit.take(0.0) is None and limit.take(10.0) is None
+    assert limit.take(30.0) == pytest.approx(30.0)  # refused: counts nothing
+    assert limit.take(59.9) == pytest.approx(0.1)
+    assert limit.take(60.0) is None  # the first has left the window
+    assert limit.take(61.0) == pytest.approx(9.0)
