@@ -127,7 +127,7 @@ class Sandbox:
         if self._directory is not None:
             raise RuntimeError("a Sandbox loads one directory; make a new one to reload")
         started = time.perf_counter()
-        warm = self._pool.take_warm(directory, max_characters)
+        warm = await self._pool.take_warm(directory, max_characters)
         if warm is not None:
             report = await self._take_over(warm, started)
         else:
@@ -268,31 +268,40 @@ class Sandbox:
             id=child.next_id(), directory=directory, exclude=exclude,
             max_characters=max_characters, code=self._pool.code_cache.get(directory),
         )
-        running = False
         file_timeout = self._config.file_timeout
-        current = "__init__.py"
-        replies = child.expect(request.id)
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(file_timeout)
+        current, running = "__init__.py", False
+
+        def progress(reply: wire.Progress | wire.Compiled) -> None:
+            """Each file gets ``file_timeout`` from its Progress on (called from the
+            channel's reader, so a load wakes this coroutine once, at its end)."""
+            nonlocal current, running
+            match reply:
+                case wire.Progress(file=file, running=is_running):
+                    current, running = file, running or is_running
+                    deadline.reschedule(loop.time() + file_timeout)
+                case wire.Compiled(blobs=blobs) if not running:
+                    # No character code has run in this child yet: trustworthy.
+                    self._pool.code_cache.put(directory, blobs)
+                case _:
+                    child.kill_now(f"it sent {type(reply).__name__} after running a file")
+
+        replies = child.expect(request.id, progress)
         try:
-            await child.send_frame(request)
-            async with asyncio.timeout(file_timeout) as deadline:
-                while True:
-                    reply = await child.receive(replies)
-                    match reply:
-                        case wire.Progress(file=file, running=is_running):
-                            current, running = file, running or is_running
-                            deadline.reschedule(asyncio.get_running_loop().time() + file_timeout)
-                        case wire.Compiled(blobs=blobs) if not running:
-                            # No character code has run in this child yet: trustworthy.
-                            self._pool.code_cache.put(directory, blobs)
-                        case wire.Loaded():
-                            self._report_output(reply.output)
-                            return reply
-                        case wire.Failed(error_type=error_type, message=message):
-                            self._report_output(reply.output)
-                            raise LoadFailed.of(message, error_type)
-                        case _:
-                            child.kill_now(f"it sent {type(reply).__name__} during a load")
-                            raise ChildDied(child.dead_reason)
+            async with deadline:
+                await child.send_frame(request)
+                reply = await child.receive(replies)
+            match reply:
+                case wire.Loaded():
+                    self._report_output(reply.output)
+                    return reply
+                case wire.Failed(error_type=error_type, message=message):
+                    self._report_output(reply.output)
+                    raise LoadFailed.of(message, error_type)
+                case _:
+                    child.kill_now(f"it sent {type(reply).__name__} during a load")
+                    raise ChildDied(child.dead_reason)
         except TimeoutError:
             self._observer.timed_out(self.label, f"{directory}/{current}")
             raise _FileKilledChild(

@@ -6,13 +6,19 @@ out a ready child at once, or spawns one when the pool is empty. A watchdog read
 each handed-out child's CPU time and kills a child that burns CPU between requests
 (a thread or finaliser left running by character code).
 
-Warm directories: a directory loaded twice within ``WARM_WINDOW`` is worth having
-ready. After such a load the pool loads it once more, in the background, into a
-sandbox nobody uses, and keeps it (``warm_directories`` of them, least recently
-used dropped). The next load of that directory takes it over if the directory's
+Warm directories: a directory a session loads is worth having ready for its next
+load. After each load the pool loads it once more, in the background, into a
+sandbox nobody uses, and keeps it (``warm_directories`` of them; when every place
+is taken, only a directory loaded more often than the least recently loaded kept one
+replaces it). The next load of that directory takes it over if the directory's
 fingerprint (every file's inode, mtime and size) is unchanged: a reload becomes a
 handover, and the load's CPU moves off the session's critical path. Still one child
 per session: a warm child has served nobody before it is handed out.
+
+Background work runs one piece at a time, after the answer to the load that caused
+it had a few loop turns to leave: first the pool refilled (a session's next load may
+need a child), then the warm loads queued. A load that finds its directory's warm
+load running waits for it if the pool is empty; one still queued is dropped.
 """
 
 from __future__ import annotations
@@ -37,9 +43,12 @@ if TYPE_CHECKING:
 _READY_TIMEOUT = 10.0
 _TICKS = os.sysconf("SC_CLK_TCK")
 WARM_WINDOW = 300.0
-"""Seconds within which a second load of a directory makes it worth keeping warm."""
+"""Seconds after which a kept directory nobody loaded gives its place to any other."""
 WARM_MAX_RSS = 64 * 1024 * 1024
 """A warm child holding more memory than this after its load is not kept."""
+_ANSWER_TURNS = 3
+"""Loop iterations between a session's load and background work: the answer to the
+load is pushed, then written by the session's sender."""
 _FINGERPRINT_LIMIT = 2000
 """Entries a fingerprint looks at; a bigger tree is never kept warm."""
 Fingerprint = tuple[tuple[str, int, int, int], ...]
@@ -61,10 +70,9 @@ class Pool:
             collections.OrderedDict()
         )
         self._loaded_at: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._warming: set[str] = set()
+        self._preloads: dict[str, _Preload] = {}
+        """Warm loads queued or running, oldest first, by directory."""
         self._background: set[asyncio.Task[None]] = set()
-        self._one_at_a_time = asyncio.Lock()
-        """Spawns and warm loads in the background run one after the other."""
         self.protections: list[str] = []
         """What the first child got: the walls in force (``containment.ALL_PROTECTIONS``)."""
 
@@ -135,9 +143,22 @@ class Pool:
 
     # ── warm directories ────────────────────────────────────────────────────
 
-    def take_warm(self, directory: str, max_characters: int) -> Sandbox | None:
+    async def take_warm(self, directory: str, max_characters: int) -> Sandbox | None:
         """The sandbox kept warm with ``directory``, if it is alive, loaded with the
-        same limit and the directory's files are unchanged since; it is the caller's."""
+        same limit and the directory's files are unchanged since; it is the caller's.
+
+        A preload of ``directory`` already running is waited for when the pool has
+        no idle child (a load now would wait for a spawn first); with one, the caller
+        loads beside it, on the other core, and the preload is kept for the load
+        after. One still queued is dropped: the caller loads now."""
+        preload = self._preloads.get(directory)
+        if directory not in self._warm and preload is not None:
+            if not preload.started:
+                del self._preloads[directory]
+                return None
+            if self._idle:
+                return None
+            await asyncio.shield(preload.done)
         entry = self._warm.pop(directory, None)
         if entry is None:
             return None
@@ -149,8 +170,13 @@ class Pool:
         return None
 
     def warm_up(self, directory: str, preload: Callable[[], Awaitable[None]]) -> None:
-        """Note a load of ``directory``; on the second within ``WARM_WINDOW`` (and
-        while none is kept or being made), run ``preload`` in the background."""
+        """Note a load of ``directory`` by a session, and run ``preload`` in the
+        background (which loads it into a spare sandbox and calls ``keep_warm``)
+        unless it is kept or being made already, or it is not worth a place: when
+        every place is taken, only a directory loaded twice since the least recently
+        loaded kept one was last loaded (or that one is past ``WARM_WINDOW``) takes it.
+        Repeated loads of a few directories always find them warm; loads spread over
+        more directories than there are places do not churn them."""
         if self.config.warm_directories <= 0:
             return
         now = time.monotonic()
@@ -158,25 +184,25 @@ class Pool:
         self._loaded_at[directory] = now
         while len(self._loaded_at) > 64 * self.config.warm_directories:
             self._loaded_at.popitem(last=False)
-        if (before is None or now - before > WARM_WINDOW or directory in self._warm
-                or directory in self._warming):
+        if directory in self._warm or directory in self._preloads:
             return
-        self._warming.add(directory)
-
-        async def warm() -> None:
-            try:
-                async with self._one_at_a_time:
-                    await preload()
-            finally:
-                self._warming.discard(directory)
-
-        self._in_background(warm())
+        if len(self._warm) + len(self._preloads) >= self.config.warm_directories:
+            coldest = min(self._warm, key=lambda kept: self._loaded_at.get(kept, 0.0),
+                          default=None)
+            if coldest is None:
+                return  # every place is being filled
+            last_used = self._loaded_at.get(coldest, 0.0)
+            if now - last_used < WARM_WINDOW and (before is None or before < last_used):
+                return
+        self._preloads[directory] = _Preload(preload)
+        self._wake.set()
 
     async def keep_warm(self, directory: str, max_characters: int, fingerprint: Fingerprint,
                         sandbox: Sandbox) -> None:
         """Keep ``sandbox`` (loaded with ``directory``) for the next load of it,
         unless its load made it hold more than ``WARM_MAX_RSS`` (nobody's session
-        pays for a warm child: it must stay cheap)."""
+        pays for a warm child: it must stay cheap). Past ``warm_directories``, the
+        kept directory least recently loaded by a session goes."""
         if sandbox.pid is None or _rss_bytes(sandbox.pid) > WARM_MAX_RSS:
             await sandbox.close()
             return
@@ -184,7 +210,8 @@ class Pool:
         self._warm[directory] = (sandbox, fingerprint, max_characters)
         evicted = [previous[0]] if previous is not None else []
         while len(self._warm) > self.config.warm_directories:
-            evicted.append(self._warm.popitem(last=False)[1][0])
+            coldest = min(self._warm, key=lambda kept: self._loaded_at.get(kept, 0.0))
+            evicted.append(self._warm.pop(coldest)[0])
         for old in evicted:
             await old.close()
 
@@ -232,16 +259,41 @@ class Pool:
         return child
 
     async def _keep_filled(self) -> None:
+        """The background work, one piece at a time, each after the answers to the
+        loads that caused it: the pool refilled to ``pool_size`` first, then the warm
+        loads queued, oldest first. A warm load takes an idle child (the pool is full
+        when it starts), so the pool is refilled after it too."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while len(self._idle) < self.config.pool_size:
-                try:
-                    async with self._one_at_a_time:
+            while True:
+                await self._after_answers()
+                if len(self._idle) < self.config.pool_size:
+                    try:
                         self._idle.append(await self._spawn())
-                except Exception as exc:
+                    except Exception as exc:
+                        self.observer.spawn_failed(exc)
+                        await asyncio.sleep(1.0)
+                    continue
+                preload = next((p for p in self._preloads.values() if not p.started), None)
+                if preload is None:
+                    break
+                preload.started = True
+                try:
+                    await preload.run()
+                except Exception as exc:  # the preload reports its own load's failures
                     self.observer.spawn_failed(exc)
-                    await asyncio.sleep(1.0)
+                finally:
+                    self._preloads = {directory: queued for directory, queued
+                                      in self._preloads.items() if queued is not preload}
+                    preload.done.set_result(None)
+
+    async def _after_answers(self) -> None:
+        """Let the loop turn a few times, so that the answer to a session's load,
+        pushed when the load returned, is written before background work competes
+        with its sending for the two cores."""
+        for _ in range(_ANSWER_TURNS):
+            await asyncio.sleep(0)
 
     def _zygote_died(self) -> None:
         """Children of a dead zygote are killed: it is restarted, scrubbed, on demand."""
@@ -275,21 +327,39 @@ class Pool:
                     )
 
 
+class _Preload:
+    """A warm load waiting for its turn in the background, or running
+    (``started``); ``done`` once it is over, whatever came of it."""
+
+    def __init__(self, run: Callable[[], Awaitable[None]]) -> None:
+        self.run = run
+        self.started = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
 def directory_fingerprint(directory: str) -> Fingerprint:
     """(relative path, inode, mtime, size) of every file and folder below
-    ``directory``, sorted; empty when it cannot be read or holds too many entries
-    (then it never matches a load)."""
+    ``directory`` (symbolic links followed, as ``os.stat`` does, but not descended
+    into; ``__pycache__`` folders left out), sorted; empty when any of it cannot be
+    read or it holds too many entries (then it never matches a load). One ``stat``
+    per entry: it runs on the loop, before every handover."""
     found: list[tuple[str, int, int, int]] = []
+    folders = [""]
     try:
-        for root, folders, files in os.walk(directory):
-            folders[:] = [name for name in folders if name != "__pycache__"]
-            for name in (*folders, *files):
-                path = os.path.join(root, name)
-                info = os.stat(path)
-                found.append((os.path.relpath(path, directory), info.st_ino,
-                              info.st_mtime_ns, info.st_size))
-                if len(found) > _FINGERPRINT_LIMIT:
-                    return ()
+        while folders:
+            folder = folders.pop()
+            with os.scandir(os.path.join(directory, folder)) as entries:
+                for entry in entries:
+                    is_folder = entry.is_dir()
+                    if is_folder and entry.name == "__pycache__":
+                        continue
+                    info = entry.stat()
+                    path = folder + entry.name
+                    found.append((path, info.st_ino, info.st_mtime_ns, info.st_size))
+                    if len(found) > _FINGERPRINT_LIMIT:
+                        return ()
+                    if is_folder and not entry.is_symlink():
+                        folders.append(path + "/")
     except OSError:
         return ()
     return tuple(sorted(found))

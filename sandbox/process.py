@@ -233,6 +233,7 @@ class ChildProcess:
         self._loop = asyncio.get_running_loop()
         self._frames = wire.FrameBuffer()
         self._waiting: dict[int, asyncio.Queue[wire.Reply | None]] = {}
+        self._progress: dict[int, Callable[[wire.Progress | wire.Compiled], None]] = {}
         self._abandoned: set[int] = set()
         self.dead_reason: str | None = None
         self.protections: list[str] = []
@@ -297,9 +298,19 @@ class ChildProcess:
         self._next_id += 1
         return self._next_id
 
-    def expect(self, request_id: int) -> asyncio.Queue[wire.Reply | None]:
-        """Start waiting for replies to ``request_id`` (before sending it)."""
+    def expect(
+        self, request_id: int,
+        on_progress: Callable[[wire.Progress | wire.Compiled], None] | None = None,
+    ) -> asyncio.Queue[wire.Reply | None]:
+        """Start waiting for replies to ``request_id`` (before sending it).
+
+        With ``on_progress``, the request's Progress and Compiled replies are handed to
+        it as they are read, in the reader callback, and only the final reply is
+        queued: a load of 20 files wakes its caller once, not 22 times (on a busy
+        loop each wake-up waits for a whole iteration)."""
         replies: asyncio.Queue[wire.Reply | None] = asyncio.Queue()
+        if on_progress is not None:
+            self._progress[request_id] = on_progress
         self.requests += 1
         if self._busy_since is None:
             self._busy_since = time.monotonic()
@@ -311,6 +322,7 @@ class ChildProcess:
     def finish(self, request_id: int, *, answered: bool = True) -> None:
         """Stop waiting for ``request_id``. Unanswered, its late replies are dropped."""
         self._waiting.pop(request_id, None)
+        self._progress.pop(request_id, None)
         if not answered and self.alive:
             self._abandoned.add(request_id)
             self._loop.call_later(self.abandoned_deadline, self._still_abandoned, request_id)
@@ -412,7 +424,11 @@ class ChildProcess:
     def _route(self, reply: wire.Reply) -> None:
         replies = self._waiting.get(reply.id)
         if replies is not None:
-            replies.put_nowait(reply)
+            on_progress = self._progress.get(reply.id)
+            if on_progress is not None and isinstance(reply, wire.Progress | wire.Compiled):
+                on_progress(reply)
+            else:
+                replies.put_nowait(reply)
         elif reply.id in self._abandoned:
             if wire.is_final(reply):
                 self._abandoned.discard(reply.id)

@@ -271,8 +271,7 @@ async def wait_warm(pool: Pool, directory: Path) -> None:
 
 async def test_a_directory_loaded_again_is_handed_over_warm(pool: Pool, tmp_path: Path) -> None:
     directory = write_directory(tmp_path, "d", {"a.py": character_source("A", prompt="one")})
-    for _ in range(2):  # the second load within the window makes it worth keeping warm
-        await (await loaded(pool, directory)).close()
+    await (await loaded(pool, directory)).close()  # a first load makes it worth keeping
     await wait_warm(pool, directory)
     kept = pool._warm[str(directory)][0].pid
 
@@ -280,15 +279,74 @@ async def test_a_directory_loaded_again_is_handed_over_warm(pool: Pool, tmp_path
 
     assert sandbox.pid == kept  # handed over: no load on the critical path
     assert await sandbox.system_prompt("A") == "one"
+    await wait_warm(pool, directory)  # and warmed again for the load after
+    assert pool._warm[str(directory)][0].pid != kept
     await sandbox.close()
+
+
+async def test_a_load_waits_for_its_directory_warm_load_already_running(
+    tmp_path: Path
+) -> None:
+    """With no idle child, the warm load is further along than a load started now
+    (after a spawn) would be: the session gets that child, not a second load."""
+    pool = Pool(SandboxConfig(file_timeout=2.0 * SCALE, pool_size=0))
+    await pool.start()
+    try:
+        await _waits_for_the_warm_load(pool, tmp_path)
+    finally:
+        await pool.close()
+
+
+async def _waits_for_the_warm_load(pool: Pool, tmp_path: Path) -> None:
+    slow = character_source("Slow", body="import time\ntime.sleep(0.3)\n", prompt="slow")
+    directory = write_directory(tmp_path, "d", {"slow.py": slow})
+    first = await loaded(pool, directory)
+    for _ in range(int(200 * SCALE)):  # until the warm load runs in a child of its own
+        preload = pool._preloads.get(str(directory))
+        loading = set(pool.live_pids) - {child.pid for child in pool._idle} - {first.pid}
+        if preload is not None and preload.started and loading:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the warm load never started")
+
+    second = await loaded(pool, directory)
+
+    assert loading == {second.pid}
+    assert await second.system_prompt("Slow") == "slow"
+    await first.close()
+    await second.close()
+
+
+async def test_loads_spread_over_more_directories_than_places_keep_the_warm_one(
+    tmp_path: Path
+) -> None:
+    """One place: a directory loaded once does not evict the kept one (it would be
+    evicted in turn before anyone used it); loaded twice since, it takes the place."""
+    pool = Pool(SandboxConfig(pool_size=1, warm_directories=1))
+    await pool.start()
+    try:
+        kept, other = (write_directory(tmp_path, name, {"a.py": character_source(name)})
+                       for name in ("Kept", "Other"))
+        await (await loaded(pool, kept)).close()
+        await wait_warm(pool, kept)
+
+        await (await loaded(pool, other)).close()
+        await asyncio.sleep(0.3 * SCALE)  # time enough for a warm load it must not start
+        assert pool.warm_directories == [str(kept)]
+
+        await (await loaded(pool, other)).close()
+        await wait_warm(pool, other)
+        assert pool.warm_directories == [str(other)]
+    finally:
+        await pool.close()
 
 
 async def test_a_changed_file_is_never_served_from_a_warm_child(
     pool: Pool, tmp_path: Path
 ) -> None:
     directory = write_directory(tmp_path, "d", {"a.py": character_source("A", prompt="one")})
-    for _ in range(2):
-        await (await loaded(pool, directory)).close()
+    await (await loaded(pool, directory)).close()
     await wait_warm(pool, directory)
     kept = pool._warm[str(directory)][0].pid
 
