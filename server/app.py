@@ -222,9 +222,10 @@ async def _drain(app: web.Application) -> None:
 
 async def _close_sessions(app: web.Application) -> None:
     sessions = list(app[SESSIONS].values())
+    reason = "server shutting down" + (
+        "; reconnect with your resume_token" if app[RESUMER].enabled else "")
     await asyncio.gather(
-        *(s.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-          for s in sessions),
+        *(session.go_away(reason) for session in sessions),
         return_exceptions=True,
     )
 
@@ -236,24 +237,47 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     except Refused as refused:
         return frontdoor.refusal(request, refused)
     try:
-        return await _serve(request, entry.scope)
+        claimed = None
+        if (token := request.query.get("resume")) is not None:
+            try:
+                claimed = await request.app[RESUMER].claim(token, entry.scope.key)
+            except resume.ResumeRefused as refused:
+                return frontdoor.refusal(request, _resume_refusal(refused))
+        return await _serve(request, entry.scope, claimed)
     finally:
         door.leave(entry)
 
 
-async def _serve(request: web.Request, scope: Scope) -> web.WebSocketResponse:
+def _resume_refusal(refused: resume.ResumeRefused) -> Refused:
+    match refused.reason:
+        case "not_yours":
+            return Refused(403, "resume_token_not_yours", refused.message, param="resume")
+        case "unavailable":
+            return Refused(503, "resume_unavailable", refused.message, retry_after=2,
+                           param="resume")
+    return Refused(404, "resume_token_invalid", refused.message, param="resume")
+
+
+async def _serve(request: web.Request, scope: Scope,
+                 claimed: resume.Claimed | None) -> web.WebSocketResponse:
     app, config = request.app, request.app[CONFIG]
     ws = web.WebSocketResponse(
         protocols=(auth.SUBPROTOCOL,), max_msg_size=config.max_message_bytes * 16,
         heartbeat=config.heartbeat or None,
     )
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        if claimed is not None and claimed.characters is not None:
+            await claimed.characters.close()
+        raise
     if scope.allowed_roots != config.allowed_roots:
         config = dataclasses.replace(config, allowed_roots=scope.allowed_roots)
     sessions, scopes = app[SESSIONS], app[SCOPES]
     dialect = dialects.detect(request.query, request.headers)
     session = Session(ws, dialect, request.query.get("model"), app[POOL], config,
-                      app[LLM_BACKEND].llm, app[SPEECH].tts, app[SPEECH].stt)
+                      app[LLM_BACKEND].llm, app[SPEECH].tts, app[SPEECH].stt,
+                      resumer=app[RESUMER], identity=scope.key, claimed=claimed)
     sessions[session.id], scopes[session.id] = session, scope
     metrics.SESSIONS.inc()
     metrics.SESSIONS_ACTIVE.inc()

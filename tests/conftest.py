@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -222,3 +225,30 @@ async def server_process(allowed_root: Path) -> AsyncIterator[Callable[..., Awai
         with contextlib.suppress(ProcessLookupError):  # a test may have killed it
             process.terminate()
         await process.wait()
+
+
+REDIS = shutil.which("redis-server")
+needs_redis = pytest.mark.skipif(
+    REDIS is None, reason="redis-server is not installed (apt-get install redis-server; "
+    ".ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A Redis of the tests' own (Debian's redis-server) on a loopback port, nothing
+    saved to disk; stopped by PID."""
+    assert REDIS is not None
+    port = free_port()
+    server = subprocess.Popen(
+        [REDIS, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -5,20 +5,13 @@ second replica's resumer takes over a conversation the first one wrote."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
+from conftest import needs_redis
 
 from server.realtime import resume
 from server.realtime.resume import Resumer, ResumeRefused, Snapshot
-
-REDIS = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(
-    REDIS is None, reason="redis-server is not installed (apt-get install redis-server)")
 
 
 class Conversation:
@@ -48,32 +41,6 @@ class Characters:
 
     async def close(self) -> None:
         self.closed = True
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    assert REDIS is not None
-    port = _free_port()
-    server = subprocess.Popen(
-        [REDIS, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-         "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 @pytest.fixture

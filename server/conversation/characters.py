@@ -79,6 +79,9 @@ class CharacterSet:
         next one)."""
         self.sandbox: Sandbox | None = None
         self.report: LoadReport | None = None
+        self.requested: str | None = None
+        """The directory as the client asked for the set in place (``"default"`` or
+        a path): what another replica loads to resume the conversation."""
         self._retired: list[Sandbox] = []
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -165,9 +168,15 @@ class CharacterSet:
         )
         if self.sandbox is not None:
             self._retired.append(self.sandbox)
-        self.sandbox, self.report = sandbox, loaded
+        self.sandbox, self.report, self.requested = sandbox, loaded, requested
         metrics.CHARACTER_RELOAD_DURATION.observe(duration)
         return loaded
+
+    def adopt(self, label: str, on_sandbox_death: Callable[[str], None] | None) -> None:
+        """The set goes on in a new session (a resumed conversation)."""
+        self.label, self._on_sandbox_death = label, on_sandbox_death
+        if self.sandbox is not None:
+            self.sandbox.on_idle_death = on_sandbox_death
 
     def retire(self) -> None:
         """Kill the sandboxes that loads have replaced, in the background: the next

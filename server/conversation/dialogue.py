@@ -59,7 +59,7 @@ from .commands import (
     StopReply,
     Warm,
 )
-from .history import Conversation
+from .history import Conversation, Message
 from .settings import SessionSettings
 from .turns import Action
 
@@ -84,6 +84,9 @@ class Dialogue:
         """The session's set, as last loaded."""
         self.system_prompt: str | None = None
         """The selected character's (``settings.voice``), once built."""
+        self.resume_token: str | None = None
+        """Shown in ``session.created`` / ``session.updated`` (README "Resume")."""
+        self.resumed_from: str | None = None
         self._replies = 0
         self._replying: int | None = None
         """The number of the reply in progress."""
@@ -94,7 +97,22 @@ class Dialogue:
 
     def start(self) -> Steps:
         """A new session: the client first hears its settings."""
-        yield Send(events.SessionCreated(session=self.settings))
+        yield Send(events.SessionCreated(session=self.settings, **self._resume_fields(),
+                                         **_given(resumed_from=self.resumed_from)))
+
+    def restore(self, settings: SessionSettings, history: list[Message], *, greeted: bool,
+                resumed_from: str) -> None:
+        """Carry on a conversation whose connection ended (README "Resume"): its
+        settings (the selected character among them) and history; its set comes with
+        ``load(..., restoring=True)``, or is already ``characters``."""
+        self.settings = settings
+        self.history.messages[:] = history
+        self.greeted = greeted
+        self.resumed_from = resumed_from
+        self.system_prompt = None  # built again by the character's sandbox when needed
+
+    def _resume_fields(self) -> dict[str, str]:
+        return _given(resume_token=self.resume_token)
 
     def receive(self, event: events.ClientEventUnion) -> Steps:
         """One client event, in the order they came."""
@@ -122,12 +140,17 @@ class Dialogue:
                 yield ClearAudio()
                 yield Send(events.AudioCleared())
 
-    def load(self, directory: str, *, answer: bool) -> Steps:
+    def load(self, directory: str, *, answer: bool, restoring: bool = False) -> Steps:
         """Load a new set (``"default"``: the server's); a reload ends the
-        conversation, then is answered (``answer``)."""
+        conversation, then is answered (``answer``). ``restoring``: the set of a
+        resumed conversation, which goes on (with its character, if the set has it)."""
         loaded: Loaded = yield Load(directory)
         self.characters = loaded.characters
-        yield from self._end_conversation()
+        if not restoring:
+            yield from self._end_conversation()
+        elif self.settings.voice is not None and voices.find(
+                self.characters, self.settings.voice) is None:
+            self.settings.voice = None
         if answer:
             yield Send(loaded.event())
 
@@ -205,7 +228,7 @@ class Dialogue:
             self.system_prompt = yield Prompt(character.name)
             self.settings.voice = character.name
             yield Warm(self.system_prompt)
-        yield Send(events.SessionUpdated(session=self.settings))
+        yield Send(events.SessionUpdated(session=self.settings, **self._resume_fields()))
         if self.greets and not self.greeted:
             self.greeted = True  # the character speaks first, once it knows who it is
             yield from self._reply(turn=False)
@@ -279,6 +302,10 @@ class Dialogue:
         self.history.clear()
         self.system_prompt = None
         self.settings.voice = None
+
+
+def _given(**fields: str | None) -> dict[str, str]:
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def user_text(item: events.Item) -> str:

@@ -164,10 +164,15 @@ class SessionCreated(ServerEvent, tag="session.created"):
     session: Any
     """The conversation puts its ``SessionSettings`` here; the edge renders them in the
     shape of the client's dialect."""
+    resume_token: str | msgspec.UnsetType = msgspec.UNSET
+    """Ours (README "Resume"): reconnect with ``?resume=`` to carry on."""
+    resumed_from: str | msgspec.UnsetType = msgspec.UNSET
+    """The id of the session this one carries on."""
 
 
 class SessionUpdated(ServerEvent, tag="session.updated"):
     session: Any
+    resume_token: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class CharacterSummary(msgspec.Struct):

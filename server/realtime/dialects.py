@@ -100,10 +100,12 @@ class Edge:
                 return self._words_of(response_id, item_id, None)
             case events.SessionCreated(session=SessionSettings() as settings):
                 event = events.SessionCreated(
-                    event_id=event.event_id, session=render(self.dialect, settings))
+                    event_id=event.event_id, session=render(self.dialect, settings),
+                    resume_token=event.resume_token, resumed_from=event.resumed_from)
             case events.SessionUpdated(session=SessionSettings() as settings):
                 event = events.SessionUpdated(
-                    event_id=event.event_id, session=render(self.dialect, settings))
+                    event_id=event.event_id, session=render(self.dialect, settings),
+                    resume_token=event.resume_token)
             case events.ResponseCreated() | events.ResponseDone():
                 self._words.flush()  # a cancelled reply's last piece is not the next's
         if self.dialect is Dialect.UNMUTE:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+import msgspec
 from aiohttp import WSCloseCode, web
 
 from sandbox import Pool, Sandbox, SandboxError
@@ -48,6 +49,7 @@ from ..errors import ServerSideError, TroupeError, from_sandbox
 from .connection import Connection, Limits
 from .dialects import Dialect, Edge
 from .limits import ReloadLimit
+from .resume import Claimed, Resumer, Snapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,7 +81,8 @@ class Session:
     def __init__(
         self, ws: web.WebSocketResponse, dialect: Dialect, model: str | None,
         pool: Pool, config: Config, llm: LLM, tts: TextToSpeech | None = None,
-        stt: SpeechToText | None = None,
+        stt: SpeechToText | None = None, *, resumer: Resumer | None = None,
+        identity: str | None = None, claimed: Claimed | None = None,
     ) -> None:
         self.id = events.new_id("sess")
         self.ws = ws
@@ -105,6 +108,18 @@ class Session:
         self.speaker = Speaker(llm, tts, send, lead=config.audio_lead, label=self.id)
         self._reloads = ReloadLimit(config.max_reloads_per_minute)
         self.started = time.monotonic()
+        # Resuming (README "Resume"): the token shown to the client, what it carries on.
+        self.resumer = resumer or Resumer(0)
+        self.identity = identity
+        self._token: str | None = None
+        self._restoring: str | None = None
+        """The directory the first job loads in place of the default one."""
+        self._taken_over = False
+        self._going_away = False
+        self._kept = False
+        self._ended = asyncio.Event()
+        if claimed is not None:
+            self._carry_on(claimed)
 
     @property
     def settings(self) -> SessionSettings:
@@ -123,11 +138,50 @@ class Session:
     def last_heard(self, when: float) -> None:
         self.connection.last_heard = when
 
+    def _carry_on(self, claimed: Claimed) -> None:
+        """Restore a conversation whose connection ended: with its set still loaded
+        when it was kept here, else its directory loads first."""
+        snapshot = claimed.snapshot
+        settings = msgspec.convert(snapshot.settings, SessionSettings)
+        settings.session_id = self.id
+        self.dialogue.restore(settings, snapshot.history, greeted=snapshot.greeted,
+                              resumed_from=snapshot.session_id)
+        if isinstance(claimed.characters, CharacterSet):
+            self.characters = claimed.characters
+            self.characters.adopt(f"session {self.id}", _weakly(self._sandbox_died))
+            self.dialogue.characters = self.characters.characters
+        else:
+            self._restoring = snapshot.directory or "default"
+        log.info("%s: carries on %s", self.id, snapshot.session_id)
+
+    def snapshot(self) -> Snapshot:
+        """What another connection needs to carry the conversation on."""
+        return Snapshot(
+            session_id=self.id, identity=self.identity, dialect=self.dialect.value,
+            directory=self.characters.requested or self._restoring,
+            settings=msgspec.to_builtins(self.settings),
+            history=list(self.dialogue.history.messages), greeted=self.dialogue.greeted)
+
+    async def take_over(self) -> None:
+        """Its token was claimed by a new connection: this one closes (4000) and its
+        conversation is handed over; returns once the session ended."""
+        if not self.ws.closed and not self.connection.ended_by_us:
+            self._taken_over = True
+            self.end(4000, "resumed on another connection")
+        await self._ended.wait()  # (a connection already closing decides for itself)
+
+    async def go_away(self, reason: str) -> None:
+        """The server shuts down: close with 1001, the conversation kept for resuming
+        (with ``--state-url``, on another replica)."""
+        self._going_away = True
+        await self.ws.close(code=WSCloseCode.GOING_AWAY, message=reason.encode())
+
     async def run(self) -> None:
         """Serve the connection until the client leaves or the session closes it."""
         await self.connection.open()
         worker = asyncio.create_task(self._work(), name=f"{self.id}-worker")
         try:
+            self._token = self.dialogue.resume_token = await self.resumer.issue(self)
             await self._execute(self.dialogue.start())
             self.connection.jobs.put(None)  # the initial load of the default directory
             await self.connection.receive()
@@ -148,9 +202,25 @@ class Session:
             await asyncio.gather(worker, return_exceptions=True)
             await self.speaker.cancel()
             await self.hearing.stop()
+            await self._leave()
             self.dialogue.history.clear()  # now, whoever still holds the session
         finally:
             await self.connection.finish()
+            self._ended.set()
+
+    async def _leave(self) -> None:
+        """Keep the conversation for resuming when the connection was lost (no close,
+        or 1001: going away, the server draining) or taken over; not when either side
+        ended it on purpose."""
+        if self._token is None:
+            return
+        code = self.ws.close_code
+        keep = self._taken_over or self._going_away or (
+            not self.connection.ended_by_us and code not in (
+                WSCloseCode.OK, WSCloseCode.POLICY_VIOLATION, 1005))
+        token, self._token = self._token, None
+        if await self.resumer.end(token, self, keep=keep, characters=self.characters):
+            self._kept = True
 
     def end(self, code: int, reason: str, why: str = "", *, flush: bool = True) -> None:
         """Close the session (``Connection.end``)."""
@@ -158,7 +228,8 @@ class Session:
 
     async def close(self) -> None:
         try:
-            await self.characters.close()
+            if not self._kept:  # else the resumer holds the set for the window
+                await self.characters.close()
         finally:  # even when the server's shutdown cancels us: no series left behind
             metrics.forget_session(self.id)
 
@@ -200,8 +271,13 @@ class Session:
 
     async def _handle(self, event: events.ClientEventUnion | _Turn | None) -> None:
         match event:
-            case None:
+            case None if self._restoring is not None:
+                await self._execute(self.dialogue.load(self._restoring, answer=False,
+                                                       restoring=True))
+            case None if self.characters.sandbox is None:
                 await self._execute(self.dialogue.load("default", answer=False))
+            case None:
+                pass  # a resumed conversation, its set still loaded
             case _Turn(action=action, listening=listening):
                 await self._turn(action, event.at, listening)
             case events.CharactersReload() if (
