@@ -13,8 +13,11 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import MakeServer
 
 from server.realtime import deflate
+from tests.fakes.kyutai_tts import FakeKyutaiTTS
+from tests.fakes.openai_chat import FakeOpenAI, text
 
 
 class DeflateClient:
@@ -54,6 +57,14 @@ class DeflateClient:
             payload = self._inflate.decompress(payload + b"\x00\x00\xff\xff")
         return compressed, payload.decode()
 
+    def send(self, event: dict[str, Any]) -> None:
+        """One masked (all-zero key), uncompressed text frame."""
+        payload = json.dumps(event).encode()
+        size = len(payload)
+        length = (bytes([0x80 | size]) if size < 126
+                  else bytes([0x80 | 126]) + size.to_bytes(2, "big"))
+        self.writer.write(bytes([0x81]) + length + b"\0\0\0\0" + payload)
+
     def close(self) -> None:
         self.writer.close()
 
@@ -83,3 +94,26 @@ async def test_audio_goes_uncompressed_and_the_rest_compressed_on_one_connection
     assert client.negotiated
     assert [text for _, text in received] == events  # in order, all readable
     assert [compressed for compressed, _ in received] == [True, False, True, False]
+
+
+async def test_a_spoken_reply_sends_its_audio_uncompressed_to_a_deflate_client(
+    fake_openai: FakeOpenAI, fake_kyutai_tts: FakeKyutaiTTS, make_server: MakeServer,
+) -> None:
+    server = await make_server(llm=fake_openai.base_url, tts=fake_kyutai_tts.url)
+    fake_openai.script(text("Fair", " winds", " ahead."))
+    client = await DeflateClient.connect(server.port, "/v1/realtime?model=deflate")
+    try:
+        seen = [await client.frame()]  # session.created
+        client.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "Hello"}]}})
+        client.send({"type": "response.create"})
+        while json.loads(seen[-1][1])["type"] != "response.done":
+            seen.append(await client.frame())
+    finally:
+        client.close()
+
+    kinds = {(json.loads(text)["type"], compressed) for compressed, text in seen}
+    assert ("response.output_audio.delta", False) in kinds
+    assert not any(kind.endswith("audio.delta") and compressed for kind, compressed in kinds)
+    assert ("response.done", True) in kinds and ("session.created", True) in kinds

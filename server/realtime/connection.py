@@ -44,10 +44,19 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .. import metrics
 from ..conversation import events
 from ..errors import TroupeError
-from . import protocol
+from . import deflate, protocol
 from .limits import Backlog, Outbox, SlidingWindow
 
 J = TypeVar("J")
+
+_AUDIO = events.AudioDelta  # and the GA name's subclass
+"""Sent without permessage-deflate (``deflate.py``: most of the cost, little gain)."""
+
+
+class _Uncompressed(str):
+    """A frame the writer sends uncompressed."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,8 @@ class Connection(Generic[J]):
         self._sending_since: float | None = None
         self._closer: asyncio.Task[None] | None = None
         self._closing = False
+        self.ended_by_us = False
+        """The session closed the connection (``end``), not the client or a drop."""
 
     async def open(self) -> None:
         """Start writing what is sent."""
@@ -92,7 +103,10 @@ class Connection(Generic[J]):
         if self.ws.closed:
             return
         metrics.WEBSOCKET_EVENTS.labels(protocol.tag(type(event)), "out").inc()
-        if not self._outbox.push(protocol.encode(event)):
+        frame = protocol.encode(event)
+        if isinstance(event, _AUDIO):
+            frame = _Uncompressed(frame)
+        if not self._outbox.push(frame):
             self.end(WSCloseCode.POLICY_VIOLATION, "client not reading", flush=False,
                      why=f"{self._outbox.size} bytes of events wait for it (the limit "
                          f"is {self.limits.max_outbox_bytes})")
@@ -208,7 +222,8 @@ class Connection(Generic[J]):
         while (frame := await self._outbox.get()) is not None:
             self._sending_since = time.monotonic()
             try:
-                await self.ws.send_str(frame)
+                await deflate.send_str(self.ws, frame,
+                                       compress=not isinstance(frame, _Uncompressed))
             except ConnectionError:
                 self._outbox.close(drop=True)  # the client is gone; the receive loop ends
                 return
@@ -228,6 +243,7 @@ class Connection(Generic[J]):
         goes in the close frame (at most 123 bytes), ``why`` only to the log."""
         if not self._closing:
             self._closing = True
+            self.ended_by_us = True
             self._log.info("%s: closing with %d, %s: %s", self.label, code, reason, why)
             self._closer = asyncio.create_task(self._close(code, reason, flush),
                                                name=f"{self.label}-closer")
