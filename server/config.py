@@ -156,8 +156,8 @@ _SANDBOX_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--call-timeout", "TROUPE_CALL_TIMEOUT", float,
      "seconds for a system prompt, tool call or list"),
     ("--warm-directories", "TROUPE_WARM_DIRECTORIES", int,
-     "directories kept loaded in a spare sandbox once loaded twice, so that their next "
-     "load is a handover (0: none)"),
+     "directories kept loaded in a spare sandbox once loaded (the least recently "
+     "loaded gives way), so that their next load is a handover (0: none)"),
 ]
 _LIMIT_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--sandbox-memory-mb", "TROUPE_SANDBOX_MEMORY_MB", int,
