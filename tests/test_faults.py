@@ -778,7 +778,8 @@ async def test_sigterm_closes_every_session_with_a_reason_and_leaves_nothing(
                 assert await eventually(session.ended.is_set, within=30)
 
             assert [s.close_code for s in sessions] == [aiohttp.WSCloseCode.GOING_AWAY] * 3
-            assert {s.close_reason for s in sessions} == {"server shutting down"}
+            assert {s.close_reason for s in sessions} == {
+                "server shutting down; reconnect with your resume_token"}
             assert await eventually(lambda: not pid_alive(pid), within=30)
             assert await eventually(lambda: not any(pid_alive(p) for p in started), within=30)
             assert codes(talking.events) == [] and codes(idle.events) == []
