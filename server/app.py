@@ -32,11 +32,13 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 from prometheus_async.aio.web import server_stats
 
-from sandbox import Pool
+from sandbox import Pool, SandboxError
 
 from . import metrics
 from .backends.configured_llm import Backend
 from .backends.configured_speech import SpeechBackends
+from .backends.embedded.llm import EmbeddedLLM
+from .backends.errors import BackendUnavailable
 from .config import Config
 from .conversation.characters import CharacterSet
 from .errors import ServerSideError, TroupeError
@@ -64,6 +66,8 @@ FRONT_DOOR = web.AppKey("front_door", FrontDoor)
 LLM_BACKEND = web.AppKey("llm", Backend)
 SPEECH = web.AppKey("speech", SpeechBackends)
 RESUMER = web.AppKey("resumer", Resumer)
+WARM = web.AppKey("warm", asyncio.Event)
+"""Set once start-up's warm-up has ended (``/v1/ready`` says 503 until then)."""
 
 
 def create_app(config: Config) -> web.Application:
@@ -85,6 +89,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_resumer)  # after the pool: kept sandboxes close before it
     app.cleanup_ctx.append(_language_model)
     app.cleanup_ctx.append(_speech)
+    app.cleanup_ctx.append(_warm_up)  # last: it needs the set and the model
     app.on_startup.append(_freeze_startup_objects)
     app.on_startup.append(_drain_on_sigterm)
     app.on_shutdown.append(_close_sessions)
@@ -177,6 +182,36 @@ async def _speech(app: web.Application) -> AsyncIterator[None]:
     app[SPEECH] = speech
     yield
     await speech.close()
+
+
+async def _warm_up(app: web.Application) -> AsyncIterator[None]:
+    """The first reply after start-up as quick as the next ones: the embedded model
+    reads the server-wide set's default character's prompt into its cache (seconds;
+    the first reply used to wait for it) in the background. ``/v1/ready`` answers 503
+    ("warming") until then; ``/v1/health`` says the server lives meanwhile."""
+    warm = app[WARM] = asyncio.Event()
+    task = asyncio.create_task(_warm(app), name="warm-up")
+    task.add_done_callback(lambda _: warm.set())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _warm(app: web.Application) -> None:
+    llm, voices = app[LLM_BACKEND].llm, app[VOICES]
+    if not isinstance(llm, EmbeddedLLM) or voices.sandbox is None:
+        return  # a remote model warms itself; nothing to read without a set
+    good = [c for c in voices.characters if c.good is not False] or voices.characters
+    if not good:
+        return
+    started = asyncio.get_running_loop().time()
+    try:  # the character a session answers with when it picks none (dialogue._speaker)
+        await llm.prepare(await voices.sandbox.system_prompt(good[0].name))
+    except (BackendUnavailable, SandboxError) as exc:
+        log.warning("warm-up skipped (the first reply reads its prompt): %s", exc)
+        return
+    log.info("warm: %s's prompt read by the language model in %.1f s", good[0].name,
+             asyncio.get_running_loop().time() - started)
 
 
 async def _freeze_startup_objects(app: web.Application) -> None:
@@ -325,8 +360,9 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Readiness (DESIGN.md section 6): 503 while draining, at the session limit, or
-    with a configured backend down, so that a balancer sends new sessions elsewhere."""
+    """Readiness (DESIGN.md section 6): 503 while draining, warming up, at the session
+    limit, or with a configured backend down, so that a balancer sends new sessions
+    elsewhere."""
     app = request.app
     admission, limit = app[FRONT_DOOR].admission, app[CONFIG].max_sessions
     stt, tts = await app[SPEECH].probe()
@@ -334,6 +370,7 @@ async def ready(request: web.Request) -> web.Response:
                                       ("llm", app[LLM_BACKEND].status))
             if status.startswith("down")]
     reasons = (["draining"] if admission.draining else []) + (
+        [] if app[WARM].is_set() else ["warming"]) + (
         ["full"] if admission.total >= limit else []) + [f"{name}_down" for name in down]
     body = {"ready": not reasons, "reasons": reasons, "sessions": admission.total,
             "capacity": limit, "draining": admission.draining}

@@ -134,10 +134,22 @@ class EmbeddedLLM:
                 next(self._ids), [{"role": "system", "content": system_prompt}], 0.0,
                 warm=True), answers=1)
 
-    async def stream(
+    async def prepare(self, system_prompt: str) -> None:
+        """Read ``system_prompt`` into the prompt cache and return once it is there
+        (start-up's warm-up, so that the first reply after it waits for nothing but its
+        own words). Raises ``BackendUnavailable``."""
+        async for _ in self._generate([{"role": "system", "content": system_prompt}],
+                                      0.0, warm=True):
+            pass
+
+    def stream(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], temperature: float
     ) -> AsyncGenerator[StreamItem, None]:
         """Text deltas; ``tools`` are not offered (the model cannot call them)."""
+        return self._generate(_plain(messages), temperature)
+
+    async def _generate(self, messages: list[dict[str, str]], temperature: float,
+                        warm: bool = False) -> AsyncGenerator[StreamItem, None]:
         await self.start()
         worker = self._worker
         assert worker is not None
@@ -146,8 +158,8 @@ class EmbeddedLLM:
         self._streams[request_id] = replies
         finished = False
         try:
-            await self._send(worker, llm_worker.Generate(request_id, _plain(messages),
-                                                         temperature), answers=1)
+            await self._send(worker, llm_worker.Generate(request_id, messages, temperature,
+                                                         warm=warm), answers=1)
             while True:
                 match await replies.get():
                     case llm_worker.Token(text=text):

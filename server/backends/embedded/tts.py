@@ -40,6 +40,8 @@ FIRST_WORDS = 3
 """Words a reply's first clause needs to be spoken before its sentence ends."""
 MAX_PHRASE = 160
 """Characters after which a phrase is spoken even without punctuation."""
+WARM_UP = "Hello there."
+"""Said (to nobody) at start-up."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]]*\s+|\n+")
 _CLAUSE_END = re.compile(r"(?<=[,;:])\s+")
@@ -189,8 +191,9 @@ class EmbeddedTTS:
         return f"piper:{PIPER_VOICE}"
 
     async def start(self) -> None:
-        """Load piper now, so that the first reply does not wait for it."""
-        await self._threads.run(self._engine, f"piper:{PIPER_VOICE}")
+        """Load piper and have it speak once now (onnxruntime's first run sets up
+        its buffers), so that the first reply waits for neither."""
+        await self._threads.run(self._synthesize, WARM_UP, f"piper:{PIPER_VOICE}")
 
     async def close(self) -> None:
         """Stop the worker threads; the models stay loaded until this object goes."""
