@@ -8,6 +8,7 @@ language model (SmolLM2 in llama.cpp) and spoken back. These tests load real mod
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -21,6 +22,7 @@ from conftest import SCALE, Realtime
 from server.app import create_app
 from server.audio.pcm import pcm16_bytes
 from server.audio.resampling import StreamResampler
+from server.backends.embedded import stt_worker
 from server.backends.embedded.tts import EmbeddedTTS, phrases
 from server.config import Config
 
@@ -102,6 +104,23 @@ async def test_spoken_question_is_heard_and_answered_with_speech(
     assert float(np.sqrt(np.mean(samples ** 2))) > 0.01  # speech, not silence
 
 
+async def test_ready_only_once_warm(embedded: TestClient) -> None:
+    # Start-up reads the default character's prompt into the model's cache (seconds):
+    # until then /v1/ready says "warming" (a balancer waits), /v1/health says alive.
+    reasons = []
+    for _ in range(int(600 * SCALE)):
+        response = await embedded.get("/v1/ready")
+        body = await response.json()
+        if response.status == 200:
+            break
+        reasons.append(body["reasons"])
+        assert (await embedded.get("/v1/health")).status == 200
+        await asyncio.sleep(0.2)
+
+    assert response.status == 200, reasons
+    assert all(r == ["warming"] for r in reasons), reasons
+
+
 async def test_speaking_over_the_reply_interrupts_it(
     embedded: TestClient, speech: dict[str, np.ndarray],
 ) -> None:
@@ -133,6 +152,26 @@ def test_phrases_are_spoken_a_sentence_at_a_time_and_the_first_sooner() -> None:
         ["Well, I think that,"], "you")
     assert phrases("Well, I think that, you", final=False) == ([], "Well, I think that, you")
     assert phrases("the *end*", final=True) == (["the end"], "")
+
+
+def test_two_questions_apart_are_both_heard_and_quiet_is_silence(
+    speech: dict[str, np.ndarray],
+) -> None:
+    # A quiet room (-70 dBFS) is silence without asking the VAD; speech after it is
+    # heard from its first word, by a VAD that starts afresh.
+    quiet = np.random.default_rng(3).normal(0, 3e-4, 24_000).astype(np.float32)
+    audio = np.concatenate([quiet, speech["What is your name?"], quiet,
+                            speech["Tell me a story about the sea please."], quiet])
+    recogniser = stt_worker._Recogniser(stt_worker._Decoders())
+
+    heard = [e for i in range(0, len(audio), 1920) for e in recogniser.hear(audio[i:i + 1920])]
+    heard += recogniser.flush()
+
+    words = [e.text for e in heard if isinstance(e, stt_worker.HeardWord)]
+    assert words[:4] == ["what", "is", "your", "name"], words
+    assert {"story", "sea"} <= set(words[4:]), words
+    pauses = [e for e in heard if isinstance(e, stt_worker.HeardPause)]
+    assert all(p.probability == 1.0 for p in pauses if p.time < 0.9)  # the first quiet
 
 
 def test_resampling_in_pieces_equals_resampling_at_once() -> None:
