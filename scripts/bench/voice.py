@@ -10,6 +10,8 @@
     load      ``create_app`` in this process, STT and TTS   event-loop lateness, STT lag
               embedded, LLM the built-in responder (or      and reply audio gaps while N
               embedded: --load-llm)                         sessions talk at once
+    accuracy  none: the embedded STT's recogniser in this   its word error rate on the
+              process                                       synthesized test speech
 
 Every client is an OpenAI GA session (``voice_client.VoiceSession``) appending 80 ms
 of audio at a time at real time and stamping each server event as it arrives; the
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.bench.common import log
+from scripts.bench.voice_accuracy import AccuracyFigures, measure_accuracy
 from scripts.bench.voice_client import QUESTION, Question, spoken_question, steps_spread
 from scripts.bench.voice_embedded import EmbeddedFigures, measure_embedded
 from scripts.bench.voice_fakes import FakeFigures, measure_fakes
@@ -38,6 +41,9 @@ from server.config import EMBEDDED
 
 UNMUTE_MS = (450.0, 750.0)
 """Unmute's published end-of-speech to first-audio latency."""
+GOAL_P50_MS, GOAL_P99_MS = 900.0, 1500.0
+"""End of speech → first audio on the embedded stack (issue 16), the first run after
+start-up included, with one session and with the load phase's sessions."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class VoiceResults:
     embedded: EmbeddedFigures
     load: LoadFigures
     question_seconds: float
+    accuracy: AccuracyFigures
 
     def figures(self) -> dict[str, float]:
         """Keys of the JSON line (ms unless named otherwise)."""
@@ -66,6 +73,11 @@ class VoiceResults:
             "voice_fakes_speech_end_to_audio_max_ms": fake.max,
             "voice_embedded_speech_end_to_audio_p50_ms": embedded.p50,
             "voice_embedded_speech_end_to_audio_max_ms": embedded.max,
+            "voice_embedded_speech_end_to_audio_p99_ms": embedded.p99,
+            "voice_embedded_first_run_ms": self.embedded.turns[0]["first audio"],
+            "voice_embedded_warm_up_s": self.embedded.warm_up,
+            "voice_stt_word_error_rate": self.accuracy.wer,
+            "voice_stt_cpu_per_audio_second": self.accuracy.cpu_per_audio_second,
             "voice_load_sessions": len(load.sessions),
             "voice_load_lateness_p50_ms": load.busy.p50,
             "voice_load_lateness_p99_ms": load.busy.p99,
@@ -75,6 +87,7 @@ class VoiceResults:
             "voice_load_transcribed": sum(s.transcript is not None for s in load.sessions),
             "voice_load_speech_end_to_audio_p50_ms": Spread.of(answered).p50,
             "voice_load_speech_end_to_audio_max_ms": Spread.of(answered).max,
+            "voice_load_speech_end_to_audio_p99_ms": Spread.of(answered).p99,
             "voice_load_audio_gap_max_s": max((s.gap for s in load.sessions), default=0.0),
         }
         return {key: round(value, 2) for key, value in figures.items()}
@@ -100,8 +113,34 @@ class VoiceResults:
         heard = sorted(set(self.embedded.transcripts))
         rows.append(("  embedded STT heard", "; ".join(repr(t) for t in heard),
                      f"{QUESTION!r}, {self.question_seconds:.2f} s", ""))
+        rows += self._goal_rows()
         rows += self._load_rows()
         return rows
+
+    def _goal_rows(self) -> list[tuple[str, str, str, str]]:
+        """Issue 16's figures for the embedded stack, each beside its goal."""
+        embedded = steps_spread(self.embedded.turns)["first audio"]
+        load = Spread.of([s.first_audio for s in self.load.sessions
+                          if s.first_audio is not None])
+        n = len(self.load.sessions)
+        accuracy = self.accuracy
+        return [
+            _goal("embedded: first audio p50", embedded.p50, GOAL_P50_MS,
+                  f"n={embedded.count}, first run included"),
+            _goal("embedded: first audio p99", embedded.p99, GOAL_P99_MS,
+                  f"n={embedded.count}"),
+            _goal("embedded: first run after start-up", self.embedded.turns[0]["first audio"],
+                  GOAL_P99_MS, f"ready {self.embedded.warm_up:.1f} s after healthy"),
+            _goal(f"load, {n} sessions: first audio p50", load.p50, GOAL_P50_MS,
+                  f"{load.count}/{n} answered"),
+            _goal(f"load, {n} sessions: first audio p99", load.p99, GOAL_P99_MS,
+                  f"{load.count}/{n} answered"),
+            ("embedded STT word error rate", f"{accuracy.wer:.3f}",
+             ", ".join(f"{voice} {wer:.3f}" for voice, wer in accuracy.by_voice.items())
+             + f"; {accuracy.utterances} utterances", ""),
+            ("  its CPU per second of audio", f"{accuracy.cpu_per_audio_second:.3f} s",
+             "one stream, speech and silence", ""),
+        ]
 
     def _turn_rows(self, label: str, turns: list[dict[str, float]]) -> list[
             tuple[str, str, str, str]]:
@@ -154,31 +193,40 @@ class VoiceResults:
         ]
 
 
+def _goal(label: str, ms: float, goal: float, note: str) -> tuple[str, str, str, str]:
+    return (label, f"{ms / 1000:.2f} s", f"goal ≤ {goal / 1000:g} s; {note}",
+            "ok" if ms <= goal else "SHORT")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("voice loop")
     group.add_argument("--voice-runs", type=int, default=6, metavar="N",
                        help="turns with the protocol fakes (default: 6)")
     group.add_argument("--embedded-runs", type=int, default=5, metavar="N",
                        help="spoken turns with the embedded defaults (default: 5)")
-    group.add_argument("--load-sessions", type=int, default=20, metavar="N",
-                       help="sessions at once on the embedded STT/TTS (default: 20)")
+    group.add_argument("--load-sessions", type=int, default=8, metavar="N",
+                       help="sessions at once on the embedded STT/TTS (default: 8, "
+                       "issue 16's goal)")
     group.add_argument("--load-llm", choices=("none", EMBEDDED), default="none",
                        help="language model of the load phase: the built-in responder "
                        "(default) or the embedded SmolLM2")
 
 
 def run(args: argparse.Namespace) -> VoiceResults:
+    log("voice, accuracy: the embedded STT on the synthesized test speech")
+    accuracy = measure_accuracy()
     log(f"voice: synthesizing {QUESTION!r} with the embedded TTS")
     question = spoken_question()
     with tempfile.TemporaryDirectory(prefix="troupe-bench-voice-") as tmp:
         root = Path(tmp).resolve()
-        return asyncio.run(_measure(args, root, question))
+        return asyncio.run(_measure(args, root, question, accuracy))
 
 
-async def _measure(args: argparse.Namespace, root: Path, question: Question) -> VoiceResults:
+async def _measure(args: argparse.Namespace, root: Path, question: Question,
+                   accuracy: AccuracyFigures) -> VoiceResults:
     log(f"voice, fakes: {args.voice_runs} turns")
     fakes = await measure_fakes(root, args.voice_runs)
     log(f"voice, embedded: {args.embedded_runs} spoken turns")
     embedded = await measure_embedded(root, question, args.embedded_runs)
     load = await measure_load(question, args.load_sessions, args.load_llm)
-    return VoiceResults(fakes, embedded, load, question.seconds)
+    return VoiceResults(fakes, embedded, load, question.seconds, accuracy)
