@@ -37,6 +37,7 @@ from scripts.bench.voice_embedded import EmbeddedFigures, measure_embedded
 from scripts.bench.voice_fakes import FakeFigures, measure_fakes
 from scripts.bench.voice_load import LOAD_WINDOW, LoadFigures, measure_load
 from scripts.measure import Spread
+from server.backends.embedded.stt import PAUSE_HOLD
 from server.config import EMBEDDED
 
 UNMUTE_MS = (450.0, 750.0)
@@ -182,7 +183,7 @@ class VoiceResults:
             ("  STT lag (event vs its audio sent)", f"{lags.p50:.0f} / {lags.max:.0f} ms",
              f"p50 / max, n={lags.count}", ""),
             ("  end of speech → speech_stopped", f"{Spread.of(stopped).p50:.0f} / "
-             f"{Spread.of(stopped).max:.0f} ms", "p50 / max (0.6 s hold)", ""),
+             f"{Spread.of(stopped).max:.0f} ms", f"p50 / max ({PAUSE_HOLD:g} s hold)", ""),
             ("  end of speech → first audio", f"{end.p50:.0f} / {end.max:.0f} ms",
              f"p50 / max, {len(answered)}/{n} answered", ""),
             ("  reply audio gaps per session", f"{gaps.p50:.0f} / {gaps.max:.0f} ms",
