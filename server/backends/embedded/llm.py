@@ -101,7 +101,7 @@ class EmbeddedLLM:
             if importlib.util.find_spec("llama_cpp") is None:
                 raise BackendUnavailable(
                     "the embedded language model needs llama-cpp-python: run `make "
-                    "install` (it builds llama.cpp, about 6 minutes), or point --llm at "
+                    "install` (it builds llama.cpp, about 4 minutes on 2 cores), or point --llm at "
                     "an OpenAI-compatible server")
             worker = WorkerProcess(llm_worker.__name__, [str(path), str(self.threads)],
                                    llm_worker.REPLIES, self._dispatch, self._ended,
