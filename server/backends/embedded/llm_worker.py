@@ -104,7 +104,9 @@ class _Worker:
             self._out.flush()
 
     def read_requests(self, stream: BinaryIO) -> None:
-        """Reader thread: queue generations, note cancellations; EOF ends the worker."""
+        """Reader thread: queue generations, note cancellations. The end of input
+        (the server closed it, or died) ends the worker at once, even in the middle
+        of a generation (seconds, for the start-up warm-up): nobody waits for it."""
         try:
             while (request := read(stream, REQUESTS)) is not None:
                 if isinstance(request, Cancel):
@@ -112,7 +114,7 @@ class _Worker:
                 else:
                     self._work.put(request)
         finally:
-            self._work.put(None)
+            os._exit(0)
 
     def serve(self) -> None:
         while (request := self._work.get()) is not None:
