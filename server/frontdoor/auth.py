@@ -1,5 +1,5 @@
 """The front door (DESIGN.md §9): who may connect, from where, how often and how many.
-Decisions only, no sockets: ``app.py`` turns a request into a ``Knock`` and a
+Decisions only, no sockets: ``routes.py`` turns a request into a ``Knock`` and a
 ``Refused`` into an HTTP answer.
 
     GET /v1/realtime (a Knock: Origin, Host, Authorization, subprotocols, peer)
@@ -25,19 +25,20 @@ Modes, fixed at start (``startup_problem`` refuses the rest):
 The per-address rate does not apply to loopback peers: local processes have the
 machine already, and behind a reverse proxy on the same host every client shares its
 address (the proxy's own limits and each key's rate do that job).
+
+Here: the door and its modes; beside it, ``refusals.py`` (the codes and their HTTP
+shape), ``origins.py`` (Origin and Host), ``limits.py`` (rates and session counts),
+whose names this module re-exports (the server and the tests say ``auth.Refused``).
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Literal
 
 from .keys import (
     CLIENT_SECRET_PREFIX,
@@ -47,44 +48,22 @@ from .keys import (
     InvalidClientSecret,
     Keyring,
 )
+from .limits import Admission as Admission
+from .limits import RateLimit as RateLimit
+from .limits import address_bucket as address_bucket
+from .origins import Origins as Origins
+from .origins import check_origins as check_origins
+from .origins import is_loopback as is_loopback
+from .origins import split_host
+from .refusals import RefusalCode as RefusalCode
+from .refusals import Refused as Refused
 
 SUBPROTOCOL = "realtime"
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 """Browsers cannot set headers on a WebSocket: they offer ``realtime`` and this, with
 the key or client secret appended (as OpenAI's own browser clients do)."""
-BUSY_RETRY_AFTER = 5
-"""Seconds a client is told to wait when a session limit refuses it."""
-
-RefusalCode = Literal[
-    "missing_api_key", "invalid_api_key", "client_secret_expired", "origin_not_allowed",
-    "host_not_allowed", "invalid_subprotocol", "rate_limited", "server_full", "server_draining",
-    "too_many_sessions", "admin_api_off", "admin_key_required", "invalid_value",
-    "resume_token_invalid", "resume_token_not_yours", "resume_unavailable",
-]
 HOW_TO_SEND = (f"send Authorization: Bearer <key>, or (browsers) the subprotocols "
                f"'{SUBPROTOCOL}' and '{KEY_SUBPROTOCOL}<key or client secret>'")
-
-
-class Refused(Exception):
-    """A request the front door turns away, with the HTTP status and what to do."""
-
-    def __init__(self, status: int, code: RefusalCode, message: str, *,
-                 retry_after: float | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = None if retry_after is None else max(1, math.ceil(retry_after))
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        """OpenAI's error shape."""
-        kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return {"error": {"type": kind, "code": self.code, "message": self.message,
-                          "param": self.param}}
-
-    def headers(self) -> dict[str, str]:
-        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 @dataclass(frozen=True)
@@ -133,177 +112,6 @@ class Settings:
     per_key_per_minute: int = 600
     admin_token: str | None = field(default=None, repr=False)
     metrics_key: str | None = field(default=None, repr=False)
-
-
-# ── hosts and origins ────────────────────────────────────────────────────────
-
-
-def is_loopback(host: str) -> bool:
-    """``host`` (a name or address, IPv6 bracketed or not) is this machine's loopback."""
-    host = host.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _split_host(value: str) -> tuple[str, int | None] | None:
-    """``host[:port]`` of a Host header, lowercased; None when malformed."""
-    try:
-        parts = urlsplit("//" + value.strip())
-        return (parts.hostname or "", parts.port) if parts.hostname else None
-    except ValueError:
-        return None
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def normalize_origin(origin: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of a serialized origin; None for ``null`` or a malformed one."""
-    try:
-        parts = urlsplit(origin.strip())
-        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
-    except ValueError:
-        return None
-    if scheme not in _DEFAULT_PORTS or not host or parts.path not in ("", "/"):
-        return None
-    return scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
-
-
-def check_origins(values: Sequence[str]) -> str | None:
-    """What is wrong with ``--allowed-origin`` values, if anything."""
-    for value in values:
-        if value != "*" and normalize_origin(value) is None:
-            return (f"--allowed-origin {value!r} is not an origin: give scheme://host[:port] "
-                    "(http or https, no path), or * for any")
-    return None
-
-
-@dataclass(frozen=True)
-class Origins:
-    allowed: frozenset[tuple[str, str, int]]
-    any: bool
-    loopback: bool
-
-    @classmethod
-    def of(cls, values: Sequence[str]) -> Origins:
-        parsed = {normalize_origin(value) for value in values if value != "*"}
-        return cls(frozenset(o for o in parsed if o is not None), "*" in values, not values)
-
-    def permit(self, origin: str | None, host: str | None) -> bool:
-        """A browser's ``origin`` may open sessions on the server reached as ``host``.
-        No Origin (an SDK, a script): yes, the key decides. ``null`` (sandboxed
-        frames, file: pages, some redirects): never."""
-        if origin is None:
-            return True
-        parsed = normalize_origin(origin)
-        if parsed is None:
-            return False
-        scheme, name, port = parsed
-        if self.any or parsed in self.allowed or (self.loopback and is_loopback(name)):
-            return True
-        own = _split_host(host) if host else None
-        return own is not None and own[0] == name and (own[1] or _DEFAULT_PORTS[scheme]) == port
-
-
-# ── rates and admission ──────────────────────────────────────────────────────
-
-
-class RateLimit:
-    """A token bucket per name: ``per_minute`` handshakes, as a burst or spread out.
-    At most ``max_tracked`` names are remembered (full buckets go first, then the
-    least recently used), so a scan from many addresses cannot grow it."""
-
-    def __init__(self, per_minute: int, max_tracked: int = 10_000) -> None:
-        self.per_minute = per_minute
-        self._rate = per_minute / 60
-        self._max_tracked = max_tracked
-        self._buckets: dict[str, tuple[float, float]] = {}  # name → (tokens, at)
-
-    def take(self, name: str, now: float) -> float:
-        """0 when ``name`` may go ahead now (a token is taken), else the seconds until
-        it may."""
-        if self.per_minute <= 0:
-            return 0.0
-        tokens, at = self._buckets.pop(name, (float(self.per_minute), now))
-        tokens = min(float(self.per_minute), tokens + (now - at) * self._rate)
-        wait = 0.0 if tokens >= 1 else (1 - tokens) / self._rate
-        self._buckets[name] = (tokens - 1 if wait == 0 else tokens, now)
-        if len(self._buckets) > self._max_tracked:
-            self._forget(now)
-        return wait
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def _forget(self, now: float) -> None:
-        full = [name for name, (tokens, at) in self._buckets.items()
-                if tokens + (now - at) * self._rate >= self.per_minute]
-        for name in full:
-            del self._buckets[name]
-        while len(self._buckets) > self._max_tracked:
-            del self._buckets[next(iter(self._buckets))]
-
-
-def address_bucket(address: str | None) -> str | None:
-    """The name an address is rate-limited under: IPv4 as is, IPv6 by its /64 (one
-    host is given a whole /64); None for loopback and unknown peers (not limited)."""
-    if not address:
-        return None
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    if ip.is_loopback:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
-
-
-class Admission:
-    """Live sessions, in all and per key: a slot is taken before the handshake."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.per_key: dict[str, int] = {}
-        self.draining = False
-        """Set on SIGTERM: every new session is refused (503), live ones go on."""
-
-    def admit(self, key: ApiKey | None, limit: int) -> None:
-        """Take a slot. Raises ``Refused`` (503 at ``limit`` or while draining, 429 at
-        the key's own)."""
-        if self.draining:
-            raise Refused(503, "server_draining",
-                          "this server is shutting down and takes no new sessions; "
-                          "connect again (a load balancer sends you to another replica)",
-                          retry_after=BUSY_RETRY_AFTER)
-        if self.total >= limit:
-            raise Refused(503, "server_full",
-                          f"the server is full ({limit} sessions, --max-sessions); retry later",
-                          retry_after=BUSY_RETRY_AFTER)
-        if key is not None and key.max_sessions is not None:
-            live = self.per_key.get(key.name, 0)
-            if live >= key.max_sessions:
-                raise Refused(429, "too_many_sessions",
-                              f"key {key.name!r} has {live} live sessions, its limit "
-                              "(max_sessions in the keys file); close one or retry later",
-                              retry_after=BUSY_RETRY_AFTER)
-        self.total += 1
-        if key is not None:
-            self.per_key[key.name] = self.per_key.get(key.name, 0) + 1
-
-    def release(self, key: str | None) -> None:
-        self.total -= 1
-        if key is not None:
-            left = self.per_key[key] - 1
-            if left:
-                self.per_key[key] = left
-            else:
-                del self.per_key[key]
 
 
 # ── the door ─────────────────────────────────────────────────────────────────
@@ -406,7 +214,7 @@ class FrontDoor:
                           f"pages from {knock.origin} may not open sessions here; the "
                           "operator allows origins with --allowed-origin")
         if (self.settings.open_on_loopback and knock.host is not None
-                and not is_loopback((_split_host(knock.host) or ("",))[0])):
+                and not is_loopback((split_host(knock.host) or ("",))[0])):
             raise Refused(403, "host_not_allowed",
                           "this server runs without keys on loopback and answers only "
                           "requests for localhost, 127.0.0.1 or [::1]")
