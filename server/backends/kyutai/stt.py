@@ -13,10 +13,8 @@
         ◀── Marker{id}                      → Flushed(id)
         ◀── Error{message}                  → raises BackendUnavailable
 
-All messages are msgpack maps tagged by ``type`` (moshi-server's serde
-``#[serde(tag = "type")]`` enums ``InMsg``/``OutMsg`` in ``rust/moshi-server/src/asr.rs``).
-Audio goes out as float32, as Unmute sends it (``use_single_float``): half the bytes
-of msgspec's float64.
+The messages are msgpack maps (``stt_wire``); ``stt_stream`` holds a conversation's
+stream, ``connection`` the handshake both Kyutai clients share.
 
 What Unmute (``unmute/stt/speech_to_text.py``, ``unmute/unmute_handler.py``) taught:
 
@@ -39,110 +37,29 @@ message names the URL and says what to do.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import logging
-import math
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 import msgspec
-import numpy as np
-import numpy.typing as npt
 
-from ...audio.pcm import SAMPLE_RATE, Samples
 from ..errors import BackendUnavailable
-from ..speech import EndWord, Event, Flushed, Pause, Word
+from .connection import API_KEY_HEADER, Advice, connect, new_session
+from .stt_stream import KyutaiSTTStream
+from .stt_wire import ASR_PATH, Error, Ready, decode
+from .stt_wire import FRAME_SAMPLES as FRAME_SAMPLES  # where callers have found it
 
-log = logging.getLogger(__name__)
-
-FRAME_SAMPLES = 1920
-FRAME_SEC = FRAME_SAMPLES / SAMPLE_RATE
-ASR_PATH = "/api/asr-streaming"
-API_KEY_HEADER = "kyutai-api-key"
-PAUSE_HEAD = 2
-"""The entry of ``Step.prs`` Unmute reads as the pause probability."""
 SETTLE_STEPS = 12
 """Steps whose pause prediction Unmute ignores: "all over the place" at first."""
 
-
-# ── the wire ─────────────────────────────────────────────────────────────────
-
-
-class _Message(msgspec.Struct, tag=True, tag_field="type"):
-    """A msgpack map whose ``type`` is the class name."""
-
-
-class Audio(_Message):
-    pcm: list[float]
-    """Mono float samples at 24 kHz; moshi-server cuts them into 1920-sample frames."""
-
-
-class Marker(_Message):
-    """Sent by the client; echoed once the audio before it has been transcribed."""
-
-    id: int
-
-
-class Ready(_Message):
-    pass
-
-
-class WordMessage(_Message, tag="Word"):
-    text: str
-    start_time: float
-    """Seconds into the stream's audio."""
-
-
-class EndWordMessage(_Message, tag="EndWord"):
-    stop_time: float
-
-
-class Step(_Message):
-    step_idx: int
-    prs: list[float]
-    """Pause probabilities, one per prediction head (four for ``stt-1b-en_fr``)."""
-    buffered_pcm: int = 0
-    """Samples the server holds that do not yet fill a frame."""
-
-
-class Error(_Message):
-    message: str
-
-
-ClientMessage = Audio | Marker
-ServerMessage = Ready | WordMessage | EndWordMessage | Step | Marker | Error
-
-_encoder = msgspec.msgpack.Encoder()
-_server_messages = msgspec.msgpack.Decoder(ServerMessage)
-
-
-class _Float32Audio(_Message, tag="Audio"):
-    pcm: msgspec.Raw
-    """A msgpack array of float32, built by ``_float32_array``."""
-
-
-def encode_audio(frame: Samples) -> bytes:
-    """``Audio{pcm}`` with the samples as msgpack float32."""
-    return _encoder.encode(_Float32Audio(msgspec.Raw(_float32_array(frame))))
-
-
-def _float32_array(samples: Samples) -> bytes:
-    items = np.empty(len(samples), dtype=[("marker", "u1"), ("value", ">f4")])
-    items["marker"] = 0xCA  # msgpack float32
-    items["value"] = samples
-    n = len(samples)
-    header = b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
-    return header + items.tobytes()
-
-
-class _End(msgspec.Struct, frozen=True):
-    failure: BackendUnavailable | None
-
-
-# ── the client ───────────────────────────────────────────────────────────────
+_ADVICE = Advice(
+    slow="check that moshi-server is running there",
+    unreachable="start moshi-server with an STT config, or point the STT URL at a "
+                "running one",
+    key=f"set the STT API key (sent as the {API_KEY_HEADER} header; TROUPE_STT_API_KEY "
+        f"or a file named by --stt-api-key-file) to one of the server's authorized_ids",
+    route=ASR_PATH,
+    route_fix="check the URL and that the server runs an STT config",
+)
 
 
 class KyutaiSTT:
@@ -185,9 +102,7 @@ class KyutaiSTT:
 
     async def start(self) -> None:
         if self._http is None:
-            # No connection cap: each session holds one socket (aiohttp's default
-            # of 100 refused the 101st session's speech).
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._http = new_session()
 
     async def close(self) -> None:
         """Close the open streams, and the HTTP session if this client made it."""
@@ -212,23 +127,9 @@ class KyutaiSTT:
         await self.start()
         assert self._http is not None  # start() made it
         where = f"the speech-to-text server at {self.url}"
-        try:
-            async with asyncio.timeout(self.timeout):
-                ws = await self._http.ws_connect(
-                    self.url, headers={API_KEY_HEADER: self.api_key},
-                    heartbeat=self.heartbeat,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self.timeout),
-                )
-        except aiohttp.WSServerHandshakeError as exc:
-            raise _refused(where, exc) from exc
-        except TimeoutError as exc:
-            raise BackendUnavailable(
-                f"{where} did not accept a connection within {self.timeout:g} s; check "
-                f"that moshi-server is running there") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise BackendUnavailable(
-                f"cannot reach {where} ({exc or type(exc).__name__}); start moshi-server "
-                f"with an STT config, or point the STT URL at a running one") from exc
+        ws = await connect(self._http, self.url, api_key=self.api_key, where=where,
+                           advice=_ADVICE, within=self.timeout, close_timeout=self.timeout,
+                           heartbeat=self.heartbeat)
         try:
             await self._await_ready(ws, where)
         except BaseException:
@@ -252,7 +153,7 @@ class KyutaiSTT:
                 f"{where} closed the connection before saying Ready ({message.type.name}, "
                 f"{ws.close_code}); see its log")
         try:
-            first = _server_messages.decode(message.data)
+            first = decode(message.data)
         except msgspec.DecodeError as exc:
             raise BackendUnavailable(
                 f"{where} does not speak Kyutai's STT protocol ({exc}); check the URL") from exc
@@ -269,259 +170,3 @@ class KyutaiSTT:
 
     def _forget(self, stream: KyutaiSTTStream) -> None:
         self._streams.discard(stream)
-
-
-def _refused(where: str, exc: aiohttp.WSServerHandshakeError) -> BackendUnavailable:
-    if exc.status in (401, 403):
-        return BackendUnavailable(
-            f"{where} refused the API key (HTTP {exc.status}); set the STT API key (sent "
-            f"as the {API_KEY_HEADER} header; TROUPE_STT_API_KEY or a file named by "
-            f"--stt-api-key-file) to one of the server's authorized_ids")
-    if exc.status == 404:
-        return BackendUnavailable(
-            f"{where} has no {ASR_PATH} (HTTP 404); check the URL and that the server "
-            f"runs an STT config")
-    return BackendUnavailable(
-        f"{where} refused the WebSocket (HTTP {exc.status} {exc.message}); see its log")
-
-
-class KyutaiSTTStream:
-    """One conversation's audio in, its transcript out; from ``KyutaiSTT.open``
-    (an ``STTStream``).
-
-    Iterate it for events (one consumer; it ends after ``close``, raises
-    ``BackendUnavailable`` when the server fails). A reader task, started by
-    ``start``, takes the server's messages off the socket as they come, so ``flush``
-    works while nobody iterates; consume the events or they pile up.
-    """
-
-    def __init__(self, stt: KyutaiSTT, ws: aiohttp.ClientWebSocketResponse[Any]) -> None:
-        self._stt = stt
-        self._ws = ws
-        self._where = f"the speech-to-text server at {stt.url}"
-        self._events: asyncio.Queue[Event | _End] = asyncio.Queue()
-        self._pending: Samples = np.zeros(0, dtype=np.float32)
-        self._markers: dict[int, asyncio.Future[None]] = {}
-        self._marker_ids = itertools.count(1)
-        self._stepped = asyncio.Event()
-        self._failure: BackendUnavailable | None = None
-        self._closing = False
-        self.frames_sent = 0
-        self.steps_received = 0
-        self._reader: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Start reading the server's messages (once, before anything else)."""
-        if self._reader is None:
-            self._reader = asyncio.create_task(
-                self._read(), name=f"kyutai-stt reader {self._stt.url}")
-
-    @property
-    def audio_sent_sec(self) -> float:
-        """Audio sent so far, silence from flushes included."""
-        return self.frames_sent * FRAME_SEC
-
-    # ── audio in ─────────────────────────────────────────────────────────────
-
-    async def send_audio(self, pcm: npt.ArrayLike) -> None:
-        """Send mono samples at 24 kHz in 1920-sample frames; a partial frame waits
-        for the next call (or ``flush``). Raises ``ValueError`` for non-mono audio,
-        ``BackendUnavailable`` when the server is gone."""
-        samples = np.asarray(pcm, dtype=np.float32)
-        if samples.ndim != 1:
-            raise ValueError(f"expected mono audio (one dimension), got shape {samples.shape}")
-        self._check_open()
-        if self._pending.size:
-            samples = np.concatenate((self._pending, samples))
-        whole = len(samples) - len(samples) % FRAME_SAMPLES
-        for start in range(0, whole, FRAME_SAMPLES):
-            await self._send_frame(samples[start:start + FRAME_SAMPLES])
-        self._pending = samples[whole:].copy()
-
-    async def flush(self) -> None:
-        """Get the words of all audio sent so far out of the server, as Unmute does
-        at the end of a turn: the partial frame zero-padded, a marker, then silence
-        until the marker comes back. The words arrive as events before ``Flushed``.
-
-        Raises ``BackendUnavailable`` if the marker does not return within
-        ``timeout``, or ``max_flush_sec`` of silence after it."""
-        self._check_open()
-        if self._pending.size:
-            padded = np.zeros(FRAME_SAMPLES, dtype=np.float32)
-            padded[:len(self._pending)] = self._pending
-            self._pending = np.zeros(0, dtype=np.float32)
-            await self._send_frame(padded)
-        marker_id = next(self._marker_ids)
-        echoed = self._markers[marker_id] = asyncio.get_running_loop().create_future()
-        silence = np.zeros(FRAME_SAMPLES, dtype=np.float32)
-        most = math.ceil(self._stt.max_flush_sec / FRAME_SEC)
-        sent = 0
-        try:
-            async with asyncio.timeout(self._stt.timeout):
-                await self._send(_encoder.encode(Marker(marker_id)))
-                # Unmute's amount: the server's delay and a frame to spare.
-                for _ in range(math.ceil(self._stt.delay_sec / FRAME_SEC) + 1):
-                    await self._send_frame(silence)
-                    sent += 1
-                while not echoed.done():
-                    self._stepped.clear()
-                    if self.steps_received + 1 >= self.frames_sent:
-                        # Caught up, marker still out: the delay is longer than assumed.
-                        if sent >= most:
-                            raise BackendUnavailable(
-                                f"{self._where} did not return a flush marker after "
-                                f"{sent * FRAME_SEC:.2f} s of silence; see its log")
-                        await self._send_frame(silence)
-                        sent += 1
-                    stepped = asyncio.ensure_future(self._stepped.wait())
-                    try:
-                        await asyncio.wait((echoed, stepped),
-                                           return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        stepped.cancel()
-                echoed.result()
-        except TimeoutError as exc:
-            raise BackendUnavailable(
-                f"{self._where} did not finish a flush within {self._stt.timeout:g} s; "
-                f"check that it is not overloaded") from exc
-        finally:
-            self._markers.pop(marker_id, None)
-
-    async def _send_frame(self, frame: Samples) -> None:
-        await self._send(encode_audio(frame))
-        self.frames_sent += 1
-
-    async def _send(self, data: bytes) -> None:
-        self._check_open()
-        try:
-            async with asyncio.timeout(self._stt.timeout):
-                await self._ws.send_bytes(data)
-        except TimeoutError as exc:
-            raise BackendUnavailable(
-                f"{self._where} stopped taking audio for {self._stt.timeout:g} s; check "
-                f"that it is not overloaded") from exc
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise self._failure or BackendUnavailable(
-                f"the connection to {self._where} broke off ({exc}); see its log") from exc
-
-    def _check_open(self) -> None:
-        if self._failure is not None:
-            raise self._failure
-        if self._closing:
-            raise RuntimeError(f"the stream to {self._where} is closed")
-
-    # ── events out ───────────────────────────────────────────────────────────
-
-    def __aiter__(self) -> KyutaiSTTStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        item = await self._events.get()
-        if isinstance(item, _End):
-            self._events.put_nowait(item)  # every later read ends the same way
-            if item.failure is not None:
-                raise item.failure
-            raise StopAsyncIteration
-        return item
-
-    async def _read(self) -> None:
-        """Takes messages off the socket until it closes; the connection's fate
-        ends the event stream. A dead peer ends it through the heartbeat."""
-        failure: BackendUnavailable | None = None
-        try:
-            while failure is None:
-                message = await self._ws.receive()
-                match message.type:
-                    case aiohttp.WSMsgType.BINARY:
-                        failure = self._dispatch(_server_messages.decode(message.data))
-                    case aiohttp.WSMsgType.ERROR:
-                        failure = BackendUnavailable(
-                            f"the connection to {self._where} broke off ({message.data}); "
-                            f"see its log")
-                    case (aiohttp.WSMsgType.CLOSE | aiohttp.WSMsgType.CLOSING
-                          | aiohttp.WSMsgType.CLOSED):
-                        if not self._closing:
-                            failure = self._closed_mid_stream()
-                        break
-        except msgspec.DecodeError as exc:
-            failure = BackendUnavailable(
-                f"{self._where} sent a message outside Kyutai's STT protocol ({exc}); "
-                f"check that it runs a compatible moshi-server")
-        except Exception as exc:  # the task's edge: nobody else would ever see it
-            log.exception("reading from %s failed", self._where)
-            failure = BackendUnavailable(f"reading from {self._where} failed ({exc!r})")
-        finally:
-            if failure is not None and not self._closing:
-                log.warning("%s", failure.message)
-                self._failure = failure
-            for echoed in self._markers.values():
-                if not echoed.done():
-                    if self._failure is not None:
-                        echoed.set_exception(self._failure)
-                    else:
-                        echoed.set_result(None)
-            self._stepped.set()
-            self._events.put_nowait(_End(self._failure))
-        if failure is not None and not self._ws.closed:
-            await self._ws.close()
-
-    def _closed_mid_stream(self) -> BackendUnavailable:
-        code = self._ws.close_code
-        if code in (None, aiohttp.WSCloseCode.ABNORMAL_CLOSURE):
-            return BackendUnavailable(
-                f"the connection to {self._where} broke off mid-stream; see its log")
-        return BackendUnavailable(
-            f"{self._where} closed the connection mid-stream (code {code}); see its log")
-
-    def _dispatch(self, message: ServerMessage) -> BackendUnavailable | None:
-        match message:
-            case WordMessage(text=text, start_time=start_time):
-                self._events.put_nowait(Word(text, start_time))
-            case EndWordMessage(stop_time=stop_time):
-                self._events.put_nowait(EndWord(stop_time))
-            case Step(prs=prs):
-                self.steps_received += 1
-                self._stepped.set()
-                if self.steps_received > self._stt.settle_steps and len(prs) > PAUSE_HEAD:
-                    time = self.steps_received * FRAME_SEC - self._stt.delay_sec
-                    self._events.put_nowait(Pause(prs[PAUSE_HEAD], time))
-            case Marker(id=marker_id):
-                echoed = self._markers.get(marker_id)
-                if echoed is not None and not echoed.done():
-                    echoed.set_result(None)
-                self._events.put_nowait(Flushed(marker_id))
-            case Error(message=reason):
-                return BackendUnavailable(f"{self._where} reported an error: {reason}")
-            case Ready():
-                pass
-        return None
-
-    # ── the end ──────────────────────────────────────────────────────────────
-
-    async def close(self) -> None:
-        """Close the connection; the events end once the queued ones are read.
-        A flush waiting for its marker returns."""
-        if not self._closing:
-            self._closing = True
-            self._stt._forget(self)
-            with contextlib.suppress(aiohttp.ClientError, ConnectionError):
-                await self._ws.close()  # bounded by ClientWSTimeout.ws_close
-        if self._reader is None:  # never started: nothing will end the events
-            self._events.put_nowait(_End(self._failure))
-            return
-        try:
-            async with asyncio.timeout(self._stt.timeout):
-                await asyncio.shield(self._reader)
-        except TimeoutError:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-
-    async def __aenter__(self) -> KyutaiSTTStream:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
