@@ -10,7 +10,8 @@
       ◀── Audio{pcm: [f32 …]}          ──▶ yield AudioChunk   (24 kHz mono, 1920 a frame)
       ◀── close                        every word spoken: the generator ends
 
-Every message is one binary frame holding a msgpack map tagged by ``type``. A writer
+Every message is one binary frame holding a msgpack map tagged by ``type``
+(``tts_wire``; the handshake is ``connection``'s, shared with speech to text). A writer
 task sends the words and a reader task decodes the replies; both report to one queue
 that ``speak`` drains, so a failure on either side ends the reply at once. Leaving
 ``speak`` early (a barge-in cancels or closes it) stops both tasks and closes the
@@ -33,100 +34,35 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import numpy as np
 
-from ...audio.pcm import Samples
 from ..errors import BackendUnavailable
 from ..speech import AudioChunk, SpokenWord, TtsEvent
+from .connection import Advice, connect, new_session
+from .float32 import samples
+from .tts_wire import (
+    STREAMING_PATH,
+    Audio,
+    ClientMessage,
+    Eos,
+    Error,
+    Ready,
+    ServerMessage,
+    Text,
+    Word,
+    decode,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
-# moshi-server's TTS speaks 24 kHz mono float32 (Mimi's rate, ``SAMPLE_RATE``),
-# 1920 samples a frame.
-STREAMING_PATH = "/api/tts_streaming"
-API_KEY_HEADER = "kyutai-api-key"
-
-
-# ── the wire ─────────────────────────────────────────────────────────────────
-
-
-class _Message(msgspec.Struct, tag_field="type"):
-    """A msgpack map whose ``type`` names the variant (serde's ``#[serde(tag = "type")]``)."""
-
-
-class Text(_Message, tag="Text"):
-    """Client → server: text to speak; the server splits it at spaces."""
-
-    text: str
-
-
-class Eos(_Message, tag="Eos"):
-    """Client → server: no more text; the server closes once it has spoken it all."""
-
-
-class Ready(_Message, tag="Ready"):
-    """Server → client: a channel is ours, text may follow."""
-
-
-class Word(_Message, tag="Text"):
-    """Server → client: a word was spoken, with its place in the audio (seconds)."""
-
-    text: str
-    start_s: float
-    stop_s: float
-
-
-class Audio(_Message, tag="Audio"):
-    """Server → client: the next float32 samples at 24 kHz (a msgpack array, read
-    by ``samples``)."""
-
-    pcm: msgspec.Raw
-
-
-class Error(_Message, tag="Error"):
-    """Server → client: e.g. ``no free channels`` (every slot of its batch is busy)."""
-
-    message: str
-
-
-ClientMessage = Text | Eos
-ServerMessage = Ready | Word | Audio | Error
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder: msgspec.msgpack.Decoder[ServerMessage] = msgspec.msgpack.Decoder(ServerMessage)
-
-
-def encode(message: ClientMessage) -> bytes:
-    return _encoder.encode(message)
-
-
-def decode(frame: bytes) -> ServerMessage:
-    """Raises ``msgspec.DecodeError`` (a ``ValidationError`` too) on a frame this
-    client does not know, e.g. ``OggOpus`` when a format other than ours was asked."""
-    return _decoder.decode(frame)
-
-
-_floats: msgspec.msgpack.Decoder[list[float]] = msgspec.msgpack.Decoder(list[float])
-
-
-def samples(raw: msgspec.Raw) -> Samples:
-    """A msgpack array of floats as numpy. moshi-server writes float32 (``0xca`` and 4
-    big-endian bytes each): read straight by numpy, 10x faster than a list of Python
-    floats (the profile of 100 sessions had 13 % of the loop here). Anything else goes
-    through msgspec."""
-    data = bytes(raw)
-    if data[:1] == b"\xdc":
-        count, header = int.from_bytes(data[1:3], "big"), 3
-    elif data[:1] == b"\xdd":
-        count, header = int.from_bytes(data[1:5], "big"), 5
-    else:
-        count, header = -1, 0
-    if count >= 0 and len(data) == header + 5 * count:
-        items = np.frombuffer(data, dtype=[("marker", "u1"), ("value", ">f4")],
-                              offset=header)
-        if (items["marker"] == 0xCA).all():
-            return items["value"].astype(np.float32)
-    return np.asarray(_floats.decode(data), dtype=np.float32)
+_ADVICE = Advice(
+    slow="check that it is running and not overloaded",
+    unreachable="start moshi-server with a TTS config, or point --tts at a running one",
+    key="set TROUPE_TTS_API_KEY (or a file named by --tts-api-key-file) to one of its "
+        "authorized_ids",
+    route="such route",
+    route_fix="check that --tts points at a moshi-server running a TTS config",
+)
 
 
 # ── text to words ────────────────────────────────────────────────────────────
@@ -203,9 +139,7 @@ class KyutaiTTS:
 
     async def start(self) -> None:
         if self._http is None:
-            # No connection cap: each session holds one socket (aiohttp's default
-            # of 100 refused the 101st session's speech).
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._http = new_session()
 
     async def close(self) -> None:
         if self._http is not None:
@@ -245,38 +179,10 @@ class KyutaiTTS:
     async def _connect(self, voice: str | None) -> aiohttp.ClientWebSocketResponse:
         if self._http is None:
             raise RuntimeError("KyutaiTTS.speak() before start()")
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await self._http.ws_connect(
-                    self.url, params=self.query(voice),
-                    headers={API_KEY_HEADER: self.api_key}, heartbeat=self.heartbeat,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=self.close_timeout),
-                )
-        except aiohttp.WSServerHandshakeError as exc:
-            raise self._refused(exc) from exc
-        except TimeoutError as exc:
-            raise BackendUnavailable(
-                f"{self.name} did not accept a connection within {self.timeout:g} s; "
-                f"check that it is running and not overloaded") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise BackendUnavailable(
-                f"cannot reach {self.name} ({exc or type(exc).__name__}); start "
-                f"moshi-server with a TTS config, or point --tts at a running one") from exc
-
-    def _refused(self, exc: aiohttp.WSServerHandshakeError) -> BackendUnavailable:
-        match exc.status:
-            case 401 | 403:
-                return BackendUnavailable(
-                    f"{self.name} refused the API key (HTTP {exc.status}); set "
-                    f"TROUPE_TTS_API_KEY (or a file named by --tts-api-key-file) to one "
-                    f"of its authorized_ids")
-            case 404:
-                return BackendUnavailable(
-                    f"{self.name} has no such route (HTTP 404); check that --tts points "
-                    f"at a moshi-server running a TTS config")
-        return BackendUnavailable(
-            f"{self.name} refused the WebSocket (HTTP {exc.status} {exc.message}); "
-            f"see its log")
+        return await connect(self._http, self.url, api_key=self.api_key, where=self.name,
+                             advice=_ADVICE, within=self.timeout,
+                             close_timeout=self.close_timeout, heartbeat=self.heartbeat,
+                             params=self.query(voice))
 
     async def _wait_ready(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Until ``Ready``. Frames left over from the channel's previous client can
