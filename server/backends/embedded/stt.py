@@ -1,7 +1,7 @@
 """Speech to text from models shipped inside Python packages: Silero VAD + pocketsphinx.
 
     Listening ─▶ EmbeddedSTTStream.send_audio(float32 @ 24 kHz) ══Audio══▶ stt worker
-                 async for: Word, Pause, Flushed ◀══Events══ (stt_worker)
+                 async for: Word, Pause, EndWord, Flushed ◀══Events══ (stt_worker)
 
 The recognition runs in worker processes (``server.backends.embedded.stt_worker``),
 because both models hold the GIL while they compute; each stream lives in one worker,
@@ -9,10 +9,11 @@ picked as the one with the fewest streams. A worker that dies, or answers nothin
 ``STALL_TIMEOUT`` seconds while audio waits (it is then killed), fails its streams
 with ``backend_unavailable``; the next stream starts a new one.
 
-The events are the interface's (``Word``, ``Pause``, ``Flushed``, as Kyutai's STT
-yields them too), so the session and the turn-taking do not know which one they
-hear: Silero says how likely each 32 ms frame is speech, and the turn-taking holds a
-pause for ``PAUSE_HOLD`` seconds before it ends the person's turn.
+The events are the interface's (``Word``, ``Pause``, ``EndWord`` once an utterance's
+words are all out, ``Flushed``, as Kyutai's STT yields them too), so the session and
+the turn-taking do not know which one they hear: Silero says how likely each 32 ms
+frame is speech, and the turn-taking holds a pause for ``PAUSE_HOLD`` seconds before
+it ends the person's turn.
 
 pocketsphinx's en-US model is English only and small: it hears short, plain
 sentences well and the rest approximately.
@@ -32,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import BackendUnavailable
-from ..speech import Event, Flushed, Pause, Word
+from ..speech import EndWord, Event, Flushed, Pause, Word
 from . import stt_worker
 from .workers import WorkerProcess
 
@@ -89,8 +90,13 @@ class _Worker:
                 f"the embedded speech-to-text failed: {reply.message}"))
             return
         for heard in reply.events:
-            events.put_nowait(Word(heard.text, heard.time) if isinstance(
-                heard, stt_worker.HeardWord) else Pause(heard.probability, heard.time))
+            match heard:
+                case stt_worker.HeardWord(text=text, time=time):
+                    events.put_nowait(Word(text, time))
+                case stt_worker.HeardPause(probability=probability, time=time):
+                    events.put_nowait(Pause(probability, time))
+                case stt_worker.HeardEnd(time=time):
+                    events.put_nowait(EndWord(time))
         if reply.flushed is not None:
             events.put_nowait(Flushed(reply.flushed))
 

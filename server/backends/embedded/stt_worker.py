@@ -10,7 +10,9 @@ Per stream, in order: resample to 16 kHz ─▶ Silero VAD, 512 samples (32 ms) 
     speech starts ─▶ borrow a pocketsphinx decoder, start_utt (with PREROLL before it)
     during speech ─▶ process_raw; partial hypothesis ─▶ HeardWord for each word the
                      last STABLE partials agree on (never the newest word)
-    GAP of silence, or Flush ─▶ end_utt ─▶ HeardWord for the words left; decoder back
+    GAP of silence, or Flush ─▶ end_utt ─▶ HeardWord for the words left, HeardEnd;
+                                decoder back
+    (a word's time is when it began, from the decoder's alignment)
 
 Both models hold the GIL while they compute, hence a process (``server.backends.embedded.workers``).
 A decoder holds about 88 MB (measured) and is not shareable, so streams borrow one
@@ -96,6 +98,7 @@ class Ready(wire.Message):
 class HeardWord(wire.Message, array_like=True):
     text: str
     time: float
+    """When the word began (seconds of the stream's audio), as the decoder aligned it."""
 
 
 class HeardPause(wire.Message, array_like=True):
@@ -103,7 +106,13 @@ class HeardPause(wire.Message, array_like=True):
     time: float
 
 
-Heard = HeardWord | HeardPause
+class HeardEnd(wire.Message, array_like=True):
+    """The utterance's words are all out; its speech stopped at ``time``."""
+
+    time: float
+
+
+Heard = HeardWord | HeardPause | HeardEnd
 
 
 class Events(wire.Message):
@@ -160,6 +169,7 @@ class _Recogniser:
         self._preroll: collections.deque[bytes] = collections.deque(maxlen=PREROLL)
         self._frames = 0
         self._in_utterance = False
+        self._utterance_start = 0.0
         self._silent_frames = 0
         self._said: list[str] = []
         self._recent: collections.deque[list[str]] = collections.deque(maxlen=STABLE)
@@ -206,6 +216,7 @@ class _Recogniser:
             self._decoder = self._decoders.take()
             self._decoder.start_utt()
             self._in_utterance, self._silent_frames, self._said = True, 0, []
+            self._utterance_start = (self._frames - len(self._preroll)) * FRAME_SEC
             self._recent.clear()
             for earlier in self._preroll:
                 self._decoder.process_raw(earlier, False, False)
@@ -248,8 +259,19 @@ class _Recogniser:
         # A word already said that the decoder now hears differently stays said:
         # the transcript keeps the first version (rare, and at most a word).
         new = stable[len(self._said):]
+        starts = self._starts()
         self._said.extend(new)
-        return [HeardWord(word, time) for word in new]
+        first = len(self._said) - len(new)
+        return [HeardWord(word, starts[first + n] if first + n < len(starts) else time)
+                for n, word in enumerate(new)]
+
+    def _starts(self) -> list[float]:
+        """When each word of the hypothesis began, from the decoder's alignment (its
+        frames are 10 ms from the start of the utterance): a word said before a pause
+        and recognised during it does not look like speech after the pause."""
+        return [self._utterance_start + segment.start_frame / 100
+                for segment in self._decoder.seg()
+                if not segment.word.startswith(("<", "["))]
 
     def _end_utterance(self) -> list[Heard]:
         if not self._in_utterance:
@@ -257,11 +279,11 @@ class _Recogniser:
         self._decoder.end_utt()
         self._in_utterance = False
         # The last words come out after the gap, but were said before it: they carry
-        # the time speech stopped, so the turn-taking's pause started then is kept.
+        # the time they began, so the turn-taking's pause started since is kept.
         spoken = (self._frames - self._silent_frames) * FRAME_SEC
         words = self._words(spoken, final=True)
         self._give_back()
-        return words
+        return [*words, HeardEnd(spoken)]
 
 
 def _common_prefix(lists: collections.abc.Iterable[list[str]]) -> list[str]:
