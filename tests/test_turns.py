@@ -121,3 +121,44 @@ def test_a_reply_started_elsewhere_can_be_interrupted() -> None:
     turns.reply_started()  # e.g. a text turn, or the greeting
 
     assert feed(turns, 0.1, 0.0, 0.5) == [(0.32, Action.INTERRUPT)]
+
+
+def test_with_drafts_a_pause_whose_words_are_all_out_is_reported_before_the_turn_ends() -> None:
+    # The embedded STT's last words come out 0.3 s into the pause, dated when said.
+    turns = TurnTaking(pause_hold=0.48, drafts=True)
+    turns.word(0.0)
+
+    assert feed(turns, 0.95, 0.08, 0.40) == []  # a pause alone drafts nothing
+    assert turns.word(0.04) is None  # a word said before the pause: it goes on
+    assert turns.words_ended(0.06) is Action.PAUSED
+    assert feed(turns, 0.95, 0.40, 1.0) == [(0.56, Action.END_TURN)]
+
+
+def test_words_that_end_while_the_person_speaks_draft_nothing() -> None:
+    turns = TurnTaking(pause_hold=0.48, drafts=True)
+    turns.word(0.0)
+    assert turns.pause(0.1, 0.08) is None
+
+    assert turns.words_ended(0.08) is None
+
+
+def test_speech_after_the_pause_means_the_person_goes_on() -> None:
+    turns = TurnTaking(pause_hold=0.48, drafts=True)
+    turns.word(0.0)
+    turns.pause(0.95, 0.08)
+    assert turns.words_ended(0.04) is Action.PAUSED
+
+    assert turns.pause(0.5, 0.16) is None  # neither pause nor speech: maybe still pausing
+    assert turns.pause(0.2, 0.24) is Action.GOES_ON
+    assert turns.pause(0.1, 0.32) is None  # said once
+    turns.pause(0.95, 0.40)
+    assert turns.words_ended(0.30) is Action.PAUSED
+    assert turns.word(0.48) is Action.GOES_ON  # a word said after the pause began
+    assert turns.state is State.HEARING
+
+
+def test_without_a_hold_or_drafts_no_pause_is_reported() -> None:
+    for turns in (TurnTaking(drafts=True), TurnTaking(pause_hold=0.48)):
+        turns.word(0.0)
+        turns.pause(0.95, 0.08)
+        assert turns.words_ended(0.04) is None

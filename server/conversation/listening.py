@@ -3,6 +3,7 @@
     input_audio_buffer.append (pcm16 24 kHz, base64) ─▶ STTStream.send_audio
     STT Word ─▶ conversation.item.input_audio_transcription.delta, TurnTaking.word()
     STT Pause ─▶ TurnTaking.pause() ─▶ END_TURN / INTERRUPT / SPEECH_STARTED ─▶ on_turn
+    STT EndWord ─▶ TurnTaking.words_ended() ─▶ PAUSED (a draft of the reply) ─▶ on_turn
     input_audio_buffer.commit ─▶ flush ─▶ the utterance so far (push-to-talk)
 
 One STT stream lasts as long as the session sends audio; ``take`` cuts it into the
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from ..audio.opus import OpusDecoder
 from ..audio.pcm import SAMPLE_RATE, pcm16_to_float
 from ..backends.errors import BackendUnavailable
-from ..backends.speech import Flushed, Pause, SpeechToText, STTStream, Word
+from ..backends.speech import EndWord, Flushed, Pause, SpeechToText, STTStream, Word
 from ..errors import TroupeError
 from . import events
 from .turns import Action, TurnTaking
@@ -114,9 +115,14 @@ class Listening:
             raise self._failure
         return self.take()
 
+    @property
+    def transcript(self) -> str:
+        """The current utterance's words so far."""
+        return " ".join(self._words)
+
     def take(self) -> Utterance:
         """The current utterance; the next one starts."""
-        taken = Utterance(self.item_id, " ".join(self._words),
+        taken = Utterance(self.item_id, self.transcript,
                           round(self._samples / SAMPLE_RATE, 3))
         self.item_id, self._words, self._samples = events.new_id("item"), [], 0
         return taken
@@ -138,6 +144,9 @@ class Listening:
                         self._words.append(text)
                         await self._send(events.TranscriptionDelta(
                             item_id=self.item_id, delta=delta, start_time=start))
+                    case EndWord(stop_time=stop) if self.turns is not None:
+                        if action := self.turns.words_ended(stop):
+                            await self._on_turn(action, stop)
                     case Pause(probability=probability, time=time) if self.turns is not None:
                         if action := self.turns.pause(probability, time):
                             await self._on_turn(action, time)
