@@ -56,6 +56,12 @@ class Config:
     """Seconds of silence after a reply before the character speaks again; 0: never."""
     audio_lead: float = 0.5
     """Seconds of reply audio sent ahead of real time (what a barge-in leaves queued)."""
+    pause_hold: float | None = None
+    """Seconds a pause must last to end the person's turn; None: the STT's own (0.45
+    for the embedded one, 0 for Kyutai's, whose pause head already means "finished")."""
+    preemptive_generation: bool = True
+    """Draft the reply at a pause that may end the turn (with an STT that holds its
+    pauses, the embedded one): the model's tokens are spent on turns that go on too."""
     log_level: str = "INFO"
     # The front door (README "The front door", server/frontdoor/auth.py).
     api_keys: Path | None = None
@@ -117,6 +123,9 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
      "seconds of silence after a reply before the character speaks again (0: never)"),
     ("--audio-lead", "TROUPE_AUDIO_LEAD", float,
      "seconds of reply audio sent ahead of real time"),
+    ("--pause-hold", "TROUPE_PAUSE_HOLD", float,
+     "seconds a pause must last before the person's turn ends (longer for people who "
+     "pause mid-sentence; default: the STT's own, 0.45 embedded, 0 Kyutai)"),
 ]
 _DOOR_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--idle-timeout", "TROUPE_IDLE_TIMEOUT", float,
@@ -244,6 +253,15 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         "repeat for several (env TROUPE_ALLOWED_ROOTS, separated by ':'; default: none)",
     )
     parser.add_argument(
+        "--preemptive-generation", action=argparse.BooleanOptionalAction,
+        default=environ.get("TROUPE_PREEMPTIVE_GENERATION", "1") != "0",
+        help="with an STT that holds its pauses (the embedded one), start the reply's "
+        "model at a pause that may end the turn, and throw its work away if the person "
+        "goes on; --no-preemptive-generation starts it only once the turn has ended (a "
+        "paid API then bills no thrown-away tokens) "
+        "(env TROUPE_PREEMPTIVE_GENERATION=0 to turn off; default: on)",
+    )
+    parser.add_argument(
         "--require-sandbox", action="store_true",
         default=environ.get("TROUPE_REQUIRE_SANDBOX", "") not in ("", "0"),
         help="refuse to start unless every sandbox protection (namespaces, seccomp, "
@@ -317,6 +335,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         **_values(args, _REPLICA_OPTIONS),
         api_keys=args.api_keys,
         no_auth=args.no_auth,
+        preemptive_generation=args.preemptive_generation,
         allowed_origins=tuple(origins),
         **secret_values,
         allowed_roots=tuple(root.resolve() for root in roots),

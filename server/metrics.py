@@ -109,6 +109,10 @@ REPLY_FIRST_AUDIO = Histogram(
     "reply_time_to_first_audio_seconds",
     "From the start of a reply to its first audio sent to the client.", buckets=_LATENCY,
 )
+REPLY_DRAFTS = Counter(
+    "reply_drafts", "Replies drafted at a pause (preemptive generation), by outcome: "
+    "used (the turn ended with those words) or dropped.", ["outcome"],
+)
 WEBSOCKET_EVENTS = Counter(
     "websocket_events", "WebSocket events by type and direction.", ["type", "direction"]
 )

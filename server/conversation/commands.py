@@ -8,6 +8,7 @@ yielded it (``Steps``). Those that answer say so; the others answer None.
     ListCharacters ─▶ the event  Warm(prompt)               StartReply(reply) ─▶ started?
     CancelReply ─▶ was there one  StopReply ─▶ a handle ─▶ AwaitReply(handle)   Part
     Hear(audio)  Commit ─▶ Utterance  ClearAudio  StopListening  Listen
+    DraftReply(reply)  DropDraft                   (preemptive generation)
 """
 
 from __future__ import annotations
@@ -76,6 +77,19 @@ class StartReply:
 
 
 @dataclass(frozen=True)
+class DraftReply:
+    """Start the model's completion for ``reply`` before the turn is certain; a reply
+    started later with the same request uses it (``backends/drafts.py``)."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class DropDraft:
+    """The person went on: stop the draft's completion."""
+
+
+@dataclass(frozen=True)
 class CancelReply:
     """Cancel the reply in progress and wait for its end (its ``response.done``);
     answers whether there was one."""
@@ -126,8 +140,8 @@ class Listen:
     """The character does not answer this turn: the turn-taking listens again."""
 
 
-Command = (Send | Load | ListCharacters | Prompt | Warm | StartReply | CancelReply
-           | StopReply | AwaitReply | Part | Hear | Commit | ClearAudio | StopListening
-           | Listen)
+Command = (Send | Load | ListCharacters | Prompt | Warm | StartReply | DraftReply
+           | DropDraft | CancelReply | StopReply | AwaitReply | Part | Hear | Commit
+           | ClearAudio | StopListening | Listen)
 Steps = Generator[Command, Any, None]
 """Commands, each sent its result back in."""

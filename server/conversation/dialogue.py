@@ -6,8 +6,9 @@
     end of turn ──────end_of_turn()▶ ├ Dialogue ──┤  Prompt(name) ─▶ its system prompt
     barge-in, speech ─heard()──────▶ │  (steps)   │  StartReply ─▶ started?  CancelReply
     long silence ─────nudge()──────▶ │            │  StopReply, AwaitReply, Warm, Part,
-    a reply's text ───finished()───▶ ┘            └▶ Hear, Commit, ClearAudio, StopListening,
-                                                     Listen, ListCharacters (commands.py)
+    a pause, words ───paused()─────▶ │            │  DraftReply, DropDraft,
+    speech goes on ───went_on()────▶ │            │  Hear, Commit, ClearAudio, StopListening,
+    a reply's text ───finished()───▶ ┘            └▶ Listen, ListCharacters (commands.py)
 
 Each entry point returns its *steps*: a generator of commands, in order, that the
 session executes one after the other, sending each command's result back in
@@ -26,6 +27,8 @@ decisions, as in Unmute:
 - the person speaks over the reply (barge-in): it stops at once, before their words
   are sent on;
 - a long silence after the character spoke: it goes on (``SILENCE_MARKER``);
+- a pause that may end the turn: the reply to the words so far is drafted (its
+  completion starts); the turn's reply uses it if the turn ends with those words;
 - a dialect that ``greets`` (Unmute's): the character speaks first, after the first
   ``session.update``;
 - a reply that ends with ``GOODBYE``: the session closes once the audio has played;
@@ -45,6 +48,8 @@ from .commands import (
     CancelReply,
     ClearAudio,
     Commit,
+    DraftReply,
+    DropDraft,
     Hear,
     ListCharacters,
     Listen,
@@ -180,6 +185,21 @@ class Dialogue:
         yield from self._committed(utterance)
         yield from self._reply(turn=True)
 
+    def paused(self, transcript: str) -> Steps:
+        """The person paused, perhaps at the end of their turn (or more words came
+        during the pause): draft the reply to ``transcript``, as ``end_of_turn`` would
+        start it. Nothing is sent; the client sees only the reply it becomes."""
+        character = self._speaker()
+        if not transcript or self._replying is not None or character is None:
+            return
+        yield from self._prompt_of(character)
+        yield DraftReply(self._reply_of(character, 0, self.history.with_user_text(transcript),
+                                        turn=True))
+
+    def went_on(self) -> Steps:
+        """The person went on speaking after the pause: the draft is of no use."""
+        yield DropDraft()
+
     def nudge(self) -> Steps:
         """A long silence after the character spoke: it goes on."""
         if self._replying is not None:
@@ -271,20 +291,29 @@ class Dialogue:
                 "no_valid_characters",
                 "this session has no character to answer; send session.characters.reload",
             )
-        if self.system_prompt is None or self.settings.voice != character:
-            self.system_prompt = yield Prompt(character)
-            self.settings.voice = character
-        info = voices.find(self.characters, character)
+        yield from self._prompt_of(character)
         self._replies += 1
-        reply = Reply(
-            number=self._replies, character=character, system_prompt=self.system_prompt,
-            history=self.history, temperature=self.settings.temperature,
-            spoken="audio" in self.settings.modalities,
-            voice_source=info.voice_source if info is not None else {}, turn=turn,
-        )
+        reply = self._reply_of(character, self._replies, self.history, turn=turn)
         self._replying = reply.number
         if not (yield StartReply(reply)):
             self._replying = None
+
+    def _prompt_of(self, character: str) -> Steps:
+        """``character`` selected, its system prompt built."""
+        if self.system_prompt is None or self.settings.voice != character:
+            self.system_prompt = yield Prompt(character)
+            self.settings.voice = character
+
+    def _reply_of(self, character: str, number: int, history: Conversation, *,
+                  turn: bool) -> Reply:
+        assert self.system_prompt is not None  # _prompt_of came first
+        info = voices.find(self.characters, character)
+        return Reply(
+            number=number, character=character, system_prompt=self.system_prompt,
+            history=history, temperature=self.settings.temperature,
+            spoken="audio" in self.settings.modalities,
+            voice_source=info.voice_source if info is not None else {}, turn=turn,
+        )
 
     def _speaker(self) -> str | None:
         """The selected character, else the first good one of the set."""

@@ -4,8 +4,8 @@
        STT failed: said once, audio dropped for STT_RETRY s, then a new stream
        no STT configured: said once per buffer (until commit or clear)
     the STT reader ─▶ on_turn(action, at): SPEECH_STARTED / INTERRUPT at once,
-       END_TURN / NUDGE queued behind the client's events, then ``turn()`` checks
-       they still hold
+       END_TURN / NUDGE / PAUSED / GOES_ON queued behind the client's events, then
+       checked that they still hold (``holds``)
     Commit ─▶ the utterance so far;  ClearAudio / StopListening ─▶ the stream closes
 
 One Ogg Opus decoder per session (its stream's header pages come once), kept across
@@ -34,8 +34,12 @@ STT_RETRY = 2.0
 
 class Hearing:
     def __init__(self, stt: SpeechToText | None, send: Send, on_turn: OnTurn,
-                 nudge_after: float | None) -> None:
+                 nudge_after: float | None, *, drafts: bool = False,
+                 pause_hold: float | None = None) -> None:
         self.stt = stt
+        self._drafts = drafts
+        self._pause_hold = pause_hold
+        """None: the STT's own."""
         self._send = send
         self._on_turn = on_turn
         self._nudge_after = nudge_after
@@ -61,12 +65,13 @@ class Hearing:
         if self.listening is not None and self.listening.turns is not None:
             self.listening.turns.reply_ended()
 
-    def holds(self, listening: Listening) -> bool:
+    def holds(self, listening: Listening, *, state: State = State.REPLYING) -> bool:
         """Whether a queued ``END_TURN`` / ``NUDGE`` of ``listening`` still holds: the
         stream was not replaced or cleared meanwhile, and the person did not go on
-        speaking (then the next end of turn has it all)."""
+        speaking (then the next end of turn has it all). A ``PAUSED`` / ``GOES_ON``
+        holds while the person's turn (``State.HEARING``) goes on."""
         return (self.listening is listening and listening.turns is not None
-                and listening.turns.state is State.REPLYING)
+                and listening.turns.state is state)
 
     async def append(self, audio: str, settings: SessionSettings, replying: bool) -> None:
         """Raises ``TroupeError`` for bad audio, ``ServerSideError`` once for an STT
@@ -91,9 +96,11 @@ class Hearing:
         try:
             if self.listening is None:
                 turns = TurnTaking(
-                    pause_hold=self.stt.pause_hold,
+                    pause_hold=(self.stt.pause_hold if self._pause_hold is None
+                                else self._pause_hold),
                     speech_starts_turn=self.stt.speech_starts_turn,
                     nudge_after=self._nudge_after,
+                    drafts=self._drafts,
                 ) if settings.turn_detection is not None else None
                 self.listening = await Listening.open(self.stt, self._send, turns,
                                                       self._on_turn, opus)

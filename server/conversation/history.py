@@ -25,6 +25,13 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": text})
         self._trim()
 
+    def with_user_text(self, text: str) -> Conversation:
+        """A copy, as it will be once the person's ``text`` is added."""
+        then = Conversation(self.max_messages)
+        then.messages = list(self.messages)
+        then.add_user_text(text)
+        return then
+
     def messages_for(self, system_prompt: str) -> list[Message]:
         """A new list: the system prompt, then the history (callers may append)."""
         return [{"role": "system", "content": system_prompt}, *self.messages]

@@ -3,6 +3,8 @@
     StartReply(reply) ─▶ Speaker.start ─▶ task: run_reply (LLM, tools, TTS) ─▶ finished(text)
     CancelReply ─▶ cancel() (waits for its response.done);  StopReply ─▶ stop() (at once)
     Part ─▶ part(close): close once the client played what it had queued
+    DraftReply(reply) ─▶ draft(): the model starts on it (``backends/drafts.py``), and
+        the next reply of the same request uses what it wrote;  DropDraft ─▶ drop_draft()
 
 Audio goes out as pcm16 per reply, or as the session's one continuous Ogg Opus stream
 (Unmute's frontend decodes one), kept here across replies.
@@ -17,6 +19,7 @@ from typing import Any
 
 from sandbox import Sandbox
 
+from ..backends.drafts import Drafting, Request
 from ..backends.llm import LLM
 from ..backends.speech import TextToSpeech
 from .commands import Reply
@@ -32,8 +35,9 @@ Ended = Callable[[Reply, "asyncio.Task[None]"], None]
 
 class Speaker:
     def __init__(self, llm: LLM, tts: TextToSpeech | None, send: Send, *, lead: float,
-                 label: str) -> None:
-        self.llm = llm
+                 label: str, drafts: bool = False) -> None:
+        self._drafting = Drafting(llm) if drafts else None
+        self.llm: LLM = self._drafting or llm
         self.tts = tts
         self._send = send
         self._lead = lead
@@ -64,6 +68,21 @@ class Speaker:
         task = asyncio.create_task(reply_and_finish(), name=f"{self._label}-reply")
         task.add_done_callback(lambda done: ended(reply, done))
         self._reply = task
+
+    def draft(self, reply: Reply, sandbox: Sandbox) -> None:
+        """Start the model on ``reply``'s request (its tools asked of ``sandbox``)."""
+        if self._drafting is None:
+            return
+
+        async def request() -> Request:
+            tools = await sandbox.tools(reply.character)
+            return reply.history.messages_for(reply.system_prompt), tools, reply.temperature
+
+        self._drafting.draft(request)
+
+    def drop_draft(self) -> None:
+        if self._drafting is not None:
+            self._drafting.drop()
 
     def stop(self) -> asyncio.Task[None] | None:
         """Cancel the reply in progress, if any; returns it to wait on."""

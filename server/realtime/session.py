@@ -44,7 +44,7 @@ from ..conversation.hearing import Hearing
 from ..conversation.listening import Listening
 from ..conversation.settings import SessionSettings
 from ..conversation.speaking import Speaker
-from ..conversation.turns import Action
+from ..conversation.turns import Action, State
 from ..errors import ServerSideError, TroupeError, from_sandbox
 from .connection import Connection, Limits
 from .dialects import Dialect, Edge
@@ -104,8 +104,10 @@ class Session:
         # cycle with its parts until the collector comes round.
         send = _weakly_async(self.send)
         self.hearing = Hearing(stt, send, _weakly_async(self._on_turn),
-                               config.nudge_after or None)
-        self.speaker = Speaker(llm, tts, send, lead=config.audio_lead, label=self.id)
+                               config.nudge_after or None, drafts=config.preemptive_generation,
+                               pause_hold=config.pause_hold)
+        self.speaker = Speaker(llm, tts, send, lead=config.audio_lead, label=self.id,
+                               drafts=config.preemptive_generation)
         self._reloads = ReloadLimit(config.max_reloads_per_minute)
         self.started = time.monotonic()
         # Resuming (README "Resume"): the token shown to the client, what it carries on.
@@ -200,6 +202,7 @@ class Session:
     async def _teardown(self, worker: asyncio.Task[None]) -> None:
         try:
             await asyncio.gather(worker, return_exceptions=True)
+            self.speaker.drop_draft()
             await self.speaker.cancel()
             await self.hearing.stop()
             await self._leave()
@@ -304,6 +307,9 @@ class Session:
             self.connection.jobs.put(_Turn(action, at, listening))
 
     async def _turn(self, action: Action, at: float, listening: Listening) -> None:
+        if action in (Action.PAUSED, Action.GOES_ON):
+            await self._draft(action, listening)
+            return
         if not self.hearing.holds(listening):
             return
         nudge = action is Action.NUDGE
@@ -315,6 +321,17 @@ class Session:
             if not (nudge and isinstance(exc, TroupeError)):
                 raise
             log.info("%s: no nudge: %s", self.id, exc.message)  # nobody asked: no error
+
+    async def _draft(self, action: Action, listening: Listening) -> None:
+        """Preemptive generation: a pause that may end the turn drafts the reply; the
+        person going on drops it. A failure here is the turn's to report, if it ends."""
+        if not self.hearing.holds(listening, state=State.HEARING):
+            return
+        try:
+            await self._execute(self.dialogue.paused(listening.transcript)
+                                if action is Action.PAUSED else self.dialogue.went_on())
+        except TroupeError as exc:
+            log.info("%s: no draft: %s", self.id, exc.message)
 
     # ── executing the dialogue's commands ────────────────────────────────────
 
@@ -352,6 +369,10 @@ class Session:
                                    self._finished, self._reply_ended)
                 self.hearing.reply_started()
                 return True
+            case do.DraftReply(reply=reply):
+                self.speaker.draft(reply, self._sandbox())
+            case do.DropDraft():
+                self.speaker.drop_draft()
             case do.CancelReply():
                 return await self.speaker.cancel()
             case do.StopReply():

@@ -1,6 +1,7 @@
 """A scripted OpenAI chat-completions server on loopback, for tests.
 
     test ──script(text(...), tool_calls(...), failure(), drop(...))──▶ FakeOpenAI
+                                                  (or echo=True: "You said: …")
     openai SDK ──GET  /v1/models─────────────────▶ {"object": "list", "data": [...]}
                ──POST /v1/chat/completions──────▶ body recorded in ``requests``;
                  (stream: true)                   the next scripted reply answers:
@@ -127,6 +128,9 @@ class FakeOpenAI:
     request comes on a new one: a fault proxy in front then sees one per request."""
     pause: float = 0.0
     """Seconds between two chunks of an answer: a model that writes slowly."""
+    echo: bool = False
+    """With no scripted reply left, answer ``You said: <the last user message>.``
+    instead of failing: a model whose answer shows which request it answered."""
 
     def __post_init__(self) -> None:
         self.base_url = ""
@@ -169,6 +173,9 @@ class FakeOpenAI:
         self.headers.append(dict(request.headers))
         if body.get("stream") is not True:
             return self._error(400, "this fake answers only stream: true", retry=False)
+        if not self.replies and self.echo:
+            said = [m.get("content") for m in body["messages"] if m.get("role") == "user"]
+            self.replies.append(text("You said: ", f"{said[-1] if said else ''}."))
         if not self.replies:
             return self._error(500, "fake_openai: no scripted reply left", retry=False)
         reply = self.replies.popleft()
