@@ -2,14 +2,14 @@
 
     Connection (frames, bounded both ways) ─▶ jobs ─▶ worker ─▶ Dialogue (decides)
     Hearing (STT reader): speech, barge-in ─▶ Dialogue at once; end of turn, nudge ─▶ jobs
-    Dialogue's commands ─▶ Speaker (replies), Hearing (audio), CharacterSet (sandbox),
-                           send ─▶ Edge (the client's dialect) ─▶ Connection
+    Dialogue's commands ─▶ Executor (executor.py) ─▶ Speaker (replies), Hearing (audio),
+                           CharacterSet (sandbox), send ─▶ Edge (the dialect) ─▶ Connection
     close: cancel the worker, stop the reply and the STT stream, kill the session's
            sandboxes, drop its metric series
 
 A thin shell: what to do is the ``Dialogue``'s (``server/conversation/dialogue.py``);
 the session runs one job at a time (each client event answered exactly once, in
-order) and executes the commands the dialogue returns, sending each result back in.
+order) and its ``Executor`` carries out the commands the dialogue returns.
 The first job loads the default directory, so a client's first
 ``session.characters.list`` already sees its own characters. The limits on what a
 client may queue or leave unread are the ``Connection``'s (``connection.py``); their
@@ -24,30 +24,29 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import msgspec
 from aiohttp import WSCloseCode, web
 
-from sandbox import Pool, Sandbox, SandboxError
+from sandbox import Pool
 
 from .. import metrics
 from ..backends.llm import LLM
 from ..backends.speech import SpeechToText, TextToSpeech
 from ..config import Config
-from ..conversation import commands as do
 from ..conversation import events
 from ..conversation.characters import CharacterSet
-from ..conversation.commands import Reply
 from ..conversation.dialogue import Dialogue
 from ..conversation.hearing import Hearing
 from ..conversation.listening import Listening
 from ..conversation.settings import SessionSettings
 from ..conversation.speaking import Speaker
-from ..conversation.turns import Action, State
-from ..errors import ServerSideError, TroupeError, from_sandbox
+from ..conversation.turns import Action
+from ..errors import ServerSideError, TroupeError
 from .connection import Connection, Limits
 from .dialects import Dialect, Edge
+from .executor import Executor
 from .limits import ReloadLimit
 from .resume import Claimed, Resumer, Snapshot
 
@@ -122,6 +121,8 @@ class Session:
         self._ended = asyncio.Event()
         if claimed is not None:
             self._carry_on(claimed)
+        self._executor = Executor(self.id, self.dialogue, self.characters, self.speaker,
+                                  self.hearing, llm, send, _weakly(self._say_goodbye))
 
     @property
     def settings(self) -> SessionSettings:
@@ -184,7 +185,7 @@ class Session:
         worker = asyncio.create_task(self._work(), name=f"{self.id}-worker")
         try:
             self._token = self.dialogue.resume_token = await self.resumer.issue(self)
-            await self._execute(self.dialogue.start())
+            await self._executor.execute(self.dialogue.start())
             self.connection.jobs.put(None)  # the initial load of the default directory
             await self.connection.receive()
         finally:
@@ -240,6 +241,9 @@ class Session:
         for shown in self._edge.out(event):
             await self.connection.send(shown)
 
+    def _say_goodbye(self) -> None:
+        self.end(WSCloseCode.OK, "the character said goodbye")
+
     def _sandbox_died(self, reason: str) -> None:
         """The sandbox died between requests: tell the client now (it restarts, with
         the same directory, on the session's next request)."""
@@ -275,14 +279,14 @@ class Session:
     async def _handle(self, event: events.ClientEventUnion | _Turn | None) -> None:
         match event:
             case None if self._restoring is not None:
-                await self._execute(self.dialogue.load(self._restoring, answer=False,
-                                                       restoring=True))
+                await self._executor.execute(self.dialogue.load(
+                    self._restoring, answer=False, restoring=True))
             case None if self.characters.sandbox is None:
-                await self._execute(self.dialogue.load("default", answer=False))
+                await self._executor.execute(self.dialogue.load("default", answer=False))
             case None:
                 pass  # a resumed conversation, its set still loaded
             case _Turn(action=action, listening=listening):
-                await self._turn(action, event.at, listening)
+                await self._executor.turn(action, event.at, listening)
             case events.CharactersReload() if (
                     wait := self._reloads.take(time.monotonic())) is not None:
                 limit = self._reloads.per_minute
@@ -292,7 +296,7 @@ class Session:
                     details={"retry_after_s": round(wait, 1)},
                 )
             case _:
-                await self._execute(self.dialogue.receive(event))
+                await self._executor.execute(self.dialogue.receive(event))
 
     async def _on_turn(self, action: Action, at: float) -> None:
         """From the STT reader, before the words that caused it are sent on. The start
@@ -302,130 +306,19 @@ class Session:
         if listening is None:
             return
         if action in (Action.SPEECH_STARTED, Action.INTERRUPT):
-            await self._execute(self.dialogue.heard(action, at, listening.item_id))
+            await self._executor.execute(self.dialogue.heard(action, at, listening.item_id))
         else:
             self.connection.jobs.put(_Turn(action, at, listening))
 
-    async def _turn(self, action: Action, at: float, listening: Listening) -> None:
-        if action in (Action.PAUSED, Action.GOES_ON):
-            await self._draft(action, listening)
-            return
-        if not self.hearing.holds(listening):
-            return
-        nudge = action is Action.NUDGE
-        try:
-            await self._execute(self.dialogue.nudge() if nudge
-                                else self.dialogue.end_of_turn(listening.take(), at))
-        except BaseException as exc:
-            self.hearing.reply_ended()  # no reply: the turn-taking listens again
-            if not (nudge and isinstance(exc, TroupeError)):
-                raise
-            log.info("%s: no nudge: %s", self.id, exc.message)  # nobody asked: no error
 
-    async def _draft(self, action: Action, listening: Listening) -> None:
-        """Preemptive generation: a pause that may end the turn drafts the reply; the
-        person going on drops it. A failure here is the turn's to report, if it ends."""
-        if not self.hearing.holds(listening, state=State.HEARING):
-            return
-        try:
-            await self._execute(self.dialogue.paused(listening.transcript)
-                                if action is Action.PAUSED else self.dialogue.went_on())
-        except TroupeError as exc:
-            log.info("%s: no draft: %s", self.id, exc.message)
-
-    # ── executing the dialogue's commands ────────────────────────────────────
-
-    async def _execute(self, steps: do.Steps) -> None:
-        """Run ``steps``, each command's result sent back in."""
-        result: Any = None
-        while True:
-            try:
-                command = steps.send(result)
-            except StopIteration:
-                return
-            result = await self._do(command)
-
-    async def _do(self, command: do.Command) -> Any:
-        match command:
-            case do.Send(event=event):
-                await self.send(event)
-            case do.Load(directory=directory):
-                loaded = await self.characters.load(directory)
-                metrics.CHARACTER_LOAD_PER_SESSION.labels(self.id).inc()
-                metrics.SESSION_CHARACTER_COUNT.labels(self.id).set(len(loaded.characters))
-                return loaded
-            case do.ListCharacters():
-                return self.characters.listed(
-                    await _sandbox_call(self._sandbox().list(), "listing the characters"))
-            case do.Prompt(character=name):
-                return await _sandbox_call(self._sandbox().system_prompt(name),
-                                           f"getting the instructions of {name}")
-            case do.Warm(system_prompt=prompt):
-                await self.llm.warm(prompt)
-            case do.StartReply(reply=reply):
-                if reply.turn and not self.hearing.expects_reply:
-                    return False  # the person went on speaking meanwhile
-                self.speaker.start(reply, self._sandbox(), self.settings.output_audio_format,
-                                   self._finished, self._reply_ended)
-                self.hearing.reply_started()
-                return True
-            case do.DraftReply(reply=reply):
-                self.speaker.draft(reply, self._sandbox())
-            case do.DropDraft():
-                self.speaker.drop_draft()
-            case do.CancelReply():
-                return await self.speaker.cancel()
-            case do.StopReply():
-                return self.speaker.stop()
-            case do.AwaitReply(handle=asyncio.Task() as stopping):
-                await asyncio.wait({stopping})
-            case do.Part():
-                log.info("%s: the character said goodbye; closing", self.id)
-                self.speaker.part(lambda: self.end(WSCloseCode.OK, "the character said goodbye"))
-            case do.Hear(audio=audio):
-                await self.hearing.append(audio, self.settings, self.speaker.active)
-            case do.Commit():
-                return await self.hearing.commit()
-            case do.ClearAudio():
-                await self.hearing.clear()
-            case do.StopListening():
-                await self.hearing.stop()
-            case do.Listen():
-                self.hearing.reply_ended()
-        return None
-
-    def _sandbox(self) -> Sandbox:
-        """The set's sandbox (the dialogue asks for it once a set is loaded)."""
-        if self.characters.sandbox is None:
-            raise TroupeError("no_valid_characters", "this session has no characters "
-                              "loaded; send session.characters.reload")
-        return self.characters.sandbox
-
-    async def _finished(self, text: str | None) -> None:
-        await self._execute(self.dialogue.finished(text))
-
-    def _reply_ended(self, reply: Reply, task: asyncio.Task[None]) -> None:
-        self.dialogue.reply_ended(reply.number)
-        self.hearing.reply_ended()
-        if not task.cancelled() and (failure := task.exception()) is not None:
-            log.error("%s: a reply failed", self.id, exc_info=failure)
-
-
-async def _sandbox_call(call: Awaitable[T], doing: str) -> T:
-    try:
-        return await call
-    except SandboxError as exc:
-        raise from_sandbox(exc, doing) from None
-
-
-def _weakly(method: Callable[[str], None]) -> Callable[[str], None]:
+def _weakly(method: Callable[P, None]) -> Callable[P, None]:
     """``method``, without keeping its object alive (a cycle only the collector
     would break, holding the session's connection meanwhile)."""
     ref = weakref.WeakMethod(method)
 
-    def call(reason: str) -> None:
+    def call(*args: P.args, **kwargs: P.kwargs) -> None:
         if (bound := ref()) is not None:
-            bound(reason)
+            bound(*args, **kwargs)
     return call
 
 
