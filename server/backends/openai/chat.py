@@ -11,18 +11,24 @@ llama.cpp server, OpenAI), through the openai SDK's ``AsyncOpenAI``.
 The SDK retries a request (``max_retries``) only until the response starts; once text
 is streaming, a dropped connection or a stalled read ends the reply with
 ``BackendUnavailable``, as does every other failure.
+
+The SDK sends the request and reads the server-sent events (its retries, timeouts,
+errors and authentication), but the body goes as it is and each chunk is read into
+this module's msgspec Structs: its typed ``create`` walks every message of the history
+through its request transforms and builds pydantic models per chunk, 10 ms of CPU per
+reply instead of 2 ms (a 40-message history, 30 chunks, measured against the loopback
+fake).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
+import msgspec
 import openai
-from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnionParam
-from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
 
 from ..errors import BackendUnavailable
 from ..llm import StreamItem, TextDelta, ToolCallRequest
@@ -94,21 +100,20 @@ class OpenAICompatibleLLM:
         """See ``LLM.stream``. Picks the model first if ``start`` could not."""
         if self.model is None:  # the server was down when start() ran
             self.model = await self._only_model()
-        model = self.model
+        body: dict[str, Any] = {"model": self.model, "messages": messages,
+                                 "temperature": temperature, "stream": True}
+        if tools:
+            body["tools"] = tools
         calls = _ToolCalls()
         started = finished = False
         try:
-            completion = await self._client.chat.completions.create(
-                model=model,
-                messages=cast(Iterable[ChatCompletionMessageParam], messages),
-                tools=cast(Iterable[ChatCompletionToolUnionParam], tools) if tools else openai.omit,
-                temperature=temperature,
-                stream=True,
-                timeout=self._timeouts(),
-            )
+            completion = await self._client.post(
+                "/chat/completions", cast_to=object, body=body, stream=True,
+                stream_cls=openai.AsyncStream[object], options={"timeout": self._timeouts()})
             async with completion:
-                async for chunk in completion:
+                async for data in completion:
                     started = True
+                    chunk = _chunk(data, self.base_url)
                     if not chunk.choices:  # e.g. a usage chunk
                         continue
                     choice = chunk.choices[0]
@@ -157,6 +162,42 @@ class OpenAICompatibleLLM:
         return BackendUnavailable(f"{where} reported an error: {exc.message}")
 
 
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """What Troupe reads of a ``chat.completion.chunk`` (other fields are ignored)."""
+
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+
+
+def _chunk(data: object, base_url: str) -> _Chunk:
+    try:
+        return msgspec.convert(data, _Chunk)
+    except msgspec.ValidationError as exc:
+        raise BackendUnavailable(
+            f"the language model at {base_url} streamed a chunk that is not a "
+            f"chat.completion.chunk ({exc}); is it an OpenAI-compatible server?") from exc
+
+
 @dataclass
 class _PartialCall:
     id: str
@@ -171,7 +212,7 @@ class _ToolCalls:
         self._calls: list[_PartialCall] = []
         self._slots: dict[int, _PartialCall] = {}
 
-    def add(self, delta: ChoiceDeltaToolCall) -> None:
+    def add(self, delta: _ToolCallDelta) -> None:
         function = delta.function
         call = self._slots.get(delta.index)
         # Ollama numbers parallel calls all 0: a new id *with a name* starts a new call.
