@@ -3,13 +3,16 @@
     python -m scripts.cluster [--replicas N] [--port 8080] [--server-arg=ARG]...
 
     redis-server 127.0.0.1:R  (no persistence)   the sessions' state, --state-url
-    python -m server --port P1 [--state-url redis://127.0.0.1:R/0] …  ┐
+    python -m server --port P1 [--state-url redis://127.0.0.1:R/0]      ┐
+                     [--trusted-proxy 127.0.0.1] …                      │
     python -m server --port P2 …                                        ├ the replicas
     …                                                                   ┘
     haproxy -db -f <deploy/haproxy.cfg filled in>   127.0.0.1:8080 ─▶ leastconn over the
                                                     replicas whose /v1/ready is 200
 
-Replicas are passed ``--state-url`` only when ``python -m server --help`` lists it.
+Replicas are passed ``--state-url`` only when ``python -m server --help`` lists it,
+and ``--trusted-proxy 127.0.0.1`` (HAProxy's address) likewise: the per-address
+handshake limit then counts the client HAProxy names in X-Forwarded-For, not HAProxy.
 They share a client-secret signing key (TROUPE_CLIENT_SECRET_KEY, random per cluster
 unless set), so a client secret minted by one is accepted by the others.
 
@@ -181,6 +184,8 @@ class Cluster:
             common += await self._start_redis()
         if self.loadtest_backends:
             common += await self._start_fakes()
+        if "--trusted-proxy" in await asyncio.to_thread(server_options):
+            common += ["--trusted-proxy", "127.0.0.1"]
         starting = []
         for number, extra in enumerate(self.replica_args, start=1):
             name, port = f"r{number}", free_port()

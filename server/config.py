@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from sandbox import ChildLimits, SandboxConfig
 
-from .frontdoor import auth, keys
+from .frontdoor import auth, forwarded, keys
 
 _REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = "embedded"
@@ -81,6 +81,8 @@ class Config:
     dropped); 0: no pings."""
     handshake_rate_per_address: int = 120
     handshake_rate_per_key: int = 600
+    trusted_proxies: tuple[forwarded.Network, ...] = ()
+    """Proxies whose X-Forwarded-For names the client (the per-address rate, the logs)."""
     metrics_key: str | None = field(default=None, repr=False)
     client_secret_key: str | None = field(default=None, repr=False)
     """Signs client secrets; replicas that share it accept each other's."""
@@ -288,6 +290,14 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         "besides the server's own; repeat for several; * for any (never 'null') (env "
         "TROUPE_ALLOWED_ORIGINS, separated by commas; default: loopback origins)",
     )
+    door.add_argument(
+        "--trusted-proxy", action="append", type=forwarded.network, default=None,
+        metavar="ADDR[/PREFIX]",
+        help="a reverse proxy or balancer (an address or a network) trusted to name the "
+        "client in X-Forwarded-For: the per-address rate and the logs then take the "
+        "right-most address there that is not a trusted proxy; repeat for several (env "
+        "TROUPE_TRUSTED_PROXIES, separated by commas; default: none, the header is ignored)",
+    )
     secrets = parser.add_argument_group(
         "secrets", "never on the command line: each comes from its environment variable, "
         "or from a file (its -file option, or the variable with _FILE appended, naming it) "
@@ -315,6 +325,11 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         origins = environ.get("TROUPE_ALLOWED_ORIGINS", "").replace(",", " ").split()
     if (problem := auth.check_origins(origins)) is not None:
         parser.error(problem)
+    try:
+        proxies = args.trusted_proxy or forwarded.networks(
+            environ.get("TROUPE_TRUSTED_PROXIES", ""))
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"TROUPE_TRUSTED_PROXIES: {exc}")
     if args.api_keys is not None:
         try:
             keys.load(args.api_keys)
@@ -337,6 +352,7 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         no_auth=args.no_auth,
         preemptive_generation=args.preemptive_generation,
         allowed_origins=tuple(origins),
+        trusted_proxies=tuple(proxies),
         **secret_values,
         allowed_roots=tuple(root.resolve() for root in roots),
         sandbox=sandbox,

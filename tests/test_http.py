@@ -252,7 +252,8 @@ def test_help_documents_every_option_with_its_environment_variable(
     for field in dataclasses.fields(Config):
         if field.name == "sandbox":
             continue
-        repeatable = {"allowed_roots": "--allowed-root", "allowed_origins": "--allowed-origin"}
+        repeatable = {"allowed_roots": "--allowed-root", "allowed_origins": "--allowed-origin",
+                      "trusted_proxies": "--trusted-proxy"}
         option = repeatable.get(field.name, "--" + field.name.replace("_", "-"))
         if field.name in SECRETS:
             assert option not in blocks, option

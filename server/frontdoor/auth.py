@@ -2,7 +2,7 @@
 Decisions only, no sockets: ``routes.py`` turns a request into a ``Knock`` and a
 ``Refused`` into an HTTP answer.
 
-    GET /v1/realtime (a Knock: Origin, Host, Authorization, subprotocols, peer)
+    GET /v1/realtime (a Knock: Origin, Host, Authorization, subprotocols, client)
       Origin on the allowlist (or none sent)?      no ─▶ 403 origin_not_allowed
       open on loopback: Host a loopback name?      no ─▶ 403 host_not_allowed
       the address under its handshake rate?        no ─▶ 429 rate_limited, Retry-After
@@ -23,12 +23,14 @@ Modes, fixed at start (``startup_problem`` refuses the rest):
 - no keys elsewhere: only with ``--no-auth``, open on purpose.
 
 The per-address rate does not apply to loopback peers: local processes have the
-machine already, and behind a reverse proxy on the same host every client shares its
-address (the proxy's own limits and each key's rate do that job).
+machine already. Behind a reverse proxy every client arrives from the proxy's address,
+unless the server trusts it (``--trusted-proxy``): then the client the proxy names in
+X-Forwarded-For is limited, loopback or not (``forwarded.py``).
 
 Here: the door and its modes; beside it, ``refusals.py`` (the codes and their HTTP
 shape), ``origins.py`` (Origin and Host), ``limits.py`` (rates and session counts),
-whose names this module re-exports (the server and the tests say ``auth.Refused``).
+whose names this module re-exports (the server and the tests say ``auth.Refused``),
+and ``forwarded.py`` (the client behind a proxy).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .forwarded import Network, TrustedProxies
 from .keys import (
     CLIENT_SECRET_PREFIX,
     ApiKey,
@@ -75,6 +78,8 @@ class Knock:
     authorization: str | None = None
     subprotocols: tuple[str, ...] = ()
     address: str | None = None
+    """The client's: the peer's, or the one a trusted proxy named."""
+    named_by_proxy: bool = False
 
 
 Via = Literal["key", "client_secret", "open"]
@@ -110,6 +115,8 @@ class Settings:
     """What sessions without a key may load (``--allowed-root``)."""
     per_address_per_minute: int = 120
     per_key_per_minute: int = 600
+    trusted_proxies: tuple[Network, ...] = ()
+    """Proxies whose X-Forwarded-For names the client (``--trusted-proxy``)."""
     admin_token: str | None = field(default=None, repr=False)
     metrics_key: str | None = field(default=None, repr=False)
 
@@ -156,6 +163,7 @@ class FrontDoor:
         self.keyring = keyring
         self.secrets = secrets or ClientSecrets()
         self.origins = Origins.of(settings.allowed_origins)
+        self.proxies = TrustedProxies(settings.trusted_proxies)
         self.admission = Admission()
         self._by_address = RateLimit(settings.per_address_per_minute)
         self._by_key = RateLimit(settings.per_key_per_minute)
@@ -218,7 +226,7 @@ class FrontDoor:
             raise Refused(403, "host_not_allowed",
                           "this server runs without keys on loopback and answers only "
                           "requests for localhost, 127.0.0.1 or [::1]")
-        bucket = address_bucket(knock.address)
+        bucket = address_bucket(knock.address, named_by_proxy=knock.named_by_proxy)
         if bucket is not None:
             self._rate(self._by_address, bucket, "this address")
 

@@ -3,7 +3,8 @@ the live sessions in all and per key (``Admission``, which also refuses while th
 server drains).
 
     RateLimit.take(name, now)   ─▶ 0, or the seconds until ``name`` may go ahead
-    address_bucket(address)     ─▶ the name an address is limited under (IPv6: its /64)
+    address_bucket(address)     ─▶ the name an address is limited under (IPv6: its /64;
+                                   loopback peers: none, not limited)
     Admission.admit(key, limit) ─▶ a slot, or Refused 503 / 429; release() gives it back
 """
 
@@ -54,16 +55,17 @@ class RateLimit:
             del self._buckets[next(iter(self._buckets))]
 
 
-def address_bucket(address: str | None) -> str | None:
+def address_bucket(address: str | None, *, named_by_proxy: bool = False) -> str | None:
     """The name an address is rate-limited under: IPv4 as is, IPv6 by its /64 (one
-    host is given a whole /64); None for loopback and unknown peers (not limited)."""
+    host is given a whole /64); None for unknown peers and loopback ones (not
+    limited), but a client a trusted proxy named is limited even on loopback."""
     if not address:
         return None
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return None
-    if ip.is_loopback:
+    if ip.is_loopback and not named_by_proxy:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))

@@ -2,11 +2,13 @@
 ``auth.Refused`` an HTTP answer, and the keys file is re-read on SIGHUP.
 
     request ──knock()──▶ FrontDoor (server/frontdoor/auth.py) ──Refused──▶ refusal(): 4xx/503 JSON
+    request ──client()──▶ its peer, or the client a trusted proxy names (forwarded.py)
     POST /v1/realtime/client_secrets ──client_secret_request()──▶ seconds ──▶ FrontDoor.mint
     SIGHUP ──reload_keys()──▶ keys.load(--api-keys) ──▶ FrontDoor.replace_keys
 
-What is logged names the peer, the route, the refusal's code and a key's *name*;
-never an Authorization header, a subprotocol, a key or a client secret.
+What is logged names the client (and the proxy it came through), the route, the
+refusal's code and a key's *name*; never an Authorization header, a subprotocol, a
+key or a client secret.
 """
 
 from __future__ import annotations
@@ -18,16 +20,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .. import metrics
 from ..config import Config
 from ..realtime import protocol
-from . import keys
+from ..state import FRONT_DOOR
+from . import forwarded, keys
 from .auth import FrontDoor, Knock, Refused, Settings, bearer
 from .keys import DEFAULT_SECRET_SECONDS, MAX_SECRET_SECONDS, MIN_SECRET_SECONDS
 
 log = logging.getLogger(__name__)
+
+_CLIENT = web.RequestKey("client", forwarded.Client)
 
 
 def settings(config: Config) -> Settings:
@@ -39,6 +44,7 @@ def settings(config: Config) -> Settings:
         roots=config.allowed_roots,
         per_address_per_minute=config.handshake_rate_per_address,
         per_key_per_minute=config.handshake_rate_per_key,
+        trusted_proxies=config.trusted_proxies,
         admin_token=config.admin_token,
         metrics_key=config.metrics_key,
     )
@@ -74,18 +80,43 @@ def reload_keys(door: FrontDoor, path: Path) -> None:
              ", ".join(sorted(before - after)) or "none")
 
 
+def client(request: web.Request) -> forwarded.Client:
+    """Who ``request`` comes from (worked out once per request). The first
+    X-Forwarded-For from a trusted proxy that names no address is logged, once."""
+    found = request.get(_CLIENT)
+    if found is None:
+        proxies = request.app[FRONT_DOOR].proxies
+        found = request[_CLIENT] = proxies.client(
+            request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
+        if found.malformed is not None and proxies.malformed == 1:
+            log.warning("X-Forwarded-For from the trusted proxy %s names no client address "
+                        "(%r): its own address is used; later ones are not logged",
+                        request.remote, found.malformed)
+    return found
+
+
+def who(request: web.Request) -> str:
+    """The client of ``request`` for a log line, with the proxy it came through."""
+    found = client(request)
+    if found.named_by_proxy:
+        return f"{found.address} via {request.remote}"
+    return str(found.address)
+
+
 def knock(request: web.Request) -> Knock:
     offered = tuple(
         part.strip()
         for header in request.headers.getall("Sec-WebSocket-Protocol", ())
         for part in header.split(",") if part.strip()
     )
+    found = client(request)
     return Knock(
         origin=request.headers.get("Origin"),
         host=request.headers.get("Host"),
         authorization=request.headers.get("Authorization"),
         subprotocols=offered,
-        address=request.remote,
+        address=found.address,
+        named_by_proxy=found.named_by_proxy,
     )
 
 
@@ -96,7 +127,7 @@ def refusal(request: web.Request, refused: Refused, *, basic: bool = False) -> w
         metrics.SESSIONS_REJECTED.inc()
     level = logging.DEBUG if refused.code == "rate_limited" else logging.INFO
     log.log(level, "%s %s from %s refused: %d %s", request.method, request.path,
-            request.remote, refused.status, refused.code)
+            who(request), refused.status, refused.code)
     headers = refused.headers()
     if refused.status == 401:
         headers["WWW-Authenticate"] = 'Basic realm="Troupe admin"' if basic else "Bearer"
