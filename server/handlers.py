@@ -129,7 +129,7 @@ async def client_secrets(request: web.Request) -> web.Response:
         return frontdoor.refusal(request, refused)
     value, expires_at = door.mint(key, seconds)
     log.info("client secret for %s from %s, good for %d s",
-             f"key {key.name}" if key else "an open server", request.remote, seconds)
+             f"key {key.name}" if key else "an open server", frontdoor.who(request), seconds)
     return web.json_response(frontdoor.client_secret_answer(value, expires_at, session))
 
 
