@@ -92,10 +92,15 @@ class _Worker:
         from llama_cpp import Llama
         from llama_cpp.llama_cache import LlamaRAMCache
 
+        # Reading a prompt too: llama-cpp-python's default is every core, and two
+        # workers' threads then spin-waited on each other (measured on 2 cores: the
+        # start-up warm-up, a character's prompt read by both workers at once, was
+        # ready 8.6-11.2 s after start; 3.2 s with one thread each; 1.8 s for one
+        # worker alone).
         self.model = Llama(model_path=model_path, n_ctx=CONTEXT, n_threads=threads,
-                           verbose=False)
-        # Sessions take turns on one model: each session's evaluated system prompt
-        # is kept (a few MB each), so its next reply skips re-reading it.
+                           n_threads_batch=threads, verbose=False)
+        # Sessions take turns on each worker's model: every evaluated system prompt
+        # is kept (a few MB each), so a session's next reply skips re-reading it.
         self.model.set_cache(LlamaRAMCache(capacity_bytes=CACHE_BYTES))
 
     def send(self, message: Reply) -> None:
