@@ -660,7 +660,7 @@ async def test_embedded_model_workers_killed_or_hung_mid_reply(
                                sandbox=steady(config))
     app = server.app
     llm, stt = app[LLM_BACKEND].llm, app[SPEECH].stt
-    assert llm.pid is not None and stt is not None and stt.pids
+    assert llm.pids and stt is not None and stt.pids
     rig = Rig(server, {}, [])
     warm = await rig.connect()
     await warm.turn("Hello.", within=120)
@@ -673,12 +673,12 @@ async def test_embedded_model_workers_killed_or_hung_mid_reply(
 
     async def reply_hit_by(signum: signal.Signals) -> list[dict[str, Any]]:
         start = len(a.events)
-        gone.append(llm.pid)
         await a.send({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user",
             "content": [{"type": "input_text", "text": "Tell me a long story about the sea."}]}})
         await a.send({"type": "response.create"})
         await a.wait(lambda e: e["type"] == "response.output_text.delta", start, within=120)
+        gone.append(llm.pids[0])  # the busiest worker: the one writing A's reply
         # Short only while it writes: reading a new prompt is seconds of silence.
         llm.stall_timeout = 3.0 * SCALE
         os.kill(gone[-1], signum)

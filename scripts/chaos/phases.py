@@ -118,7 +118,8 @@ async def embedded_phase(root: Path, args: argparse.Namespace, rows: list[Row]) 
 
                 if not await eventually(writing, 60) or playing.is_set():
                     break
-                model: int | None = getattr(llm, "pid", None)
+                # The busiest of the model's workers: one writing a reply.
+                model: int | None = next(iter(getattr(llm, "pids", [])), None)
                 if model is not None:
                     if signum is signal.SIGSTOP:  # short only while it writes
                         llm.stall_timeout = 3.0  # type: ignore[attr-defined]
