@@ -1,7 +1,7 @@
 """The voice part's third phase: N sessions at once on ``create_app`` in this process,
 STT and TTS embedded, the LLM the built-in responder (or embedded: ``--load-llm``).
 
-Sessions start 0.1 s apart; each says the question and keeps streaming silence until
+Sessions start 0.1 s apart, once ``/v1/ready`` says the models are warm; each says the question and keeps streaming silence until
 its reply is done or ``LOAD_WINDOW`` after its end of speech. A task sleeping 10 ms
 again and again records how late it wakes (2 s idle first, as a baseline). STT lag =
 arrival of an STT-driven event minus the send time of the audio it is about
@@ -38,6 +38,8 @@ from server.config import EMBEDDED, Config
 PROBE_SLEEP = 0.01
 IDLE_PROBE = 2.0
 """Seconds the lateness probe runs on the idle in-process server first."""
+READY_TIMEOUT = 120.0
+"""Seconds the in-process server may take to warm its models up."""
 LOAD_STAGGER = 0.1
 LOAD_WINDOW = 20.0
 """Seconds after its end of speech that a load session waits for its reply to end."""
@@ -115,6 +117,7 @@ async def measure_load(question: Question, count: int, llm: str) -> LoadFigures:
         await site.start()
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}"
+        log(f"load: ready {await _until_ready(url):.1f} s after listening (the warm-up)")
         probe.start()
         await asyncio.sleep(IDLE_PROBE)
         idle = probe.take()
@@ -137,6 +140,19 @@ async def measure_load(question: Question, count: int, llm: str) -> LoadFigures:
         await _check_ended(started)
     return LoadFigures(sessions, llm, Spread.of(idle), Spread.of(busy), cpu_cores,
                        workers_cores, wall)
+
+
+async def _until_ready(url: str) -> float:
+    """Seconds until ``/v1/ready`` answers 200, as a balancer waits before it sends a
+    replica sessions (the models' warm-up). Raises ``BenchError``."""
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as http:
+        while time.perf_counter() - started < READY_TIMEOUT:
+            async with http.get(f"{url}/v1/ready") as response:
+                if response.status == 200:
+                    return time.perf_counter() - started
+            await asyncio.sleep(0.05)
+    raise BenchError(f"the in-process server was not ready within {READY_TIMEOUT:g} s")
 
 
 async def _check_ended(pids: set[int]) -> None:

@@ -44,7 +44,7 @@ START_TIMEOUT = 120.0
 """Seconds for the worker to load the model (about 0.5 s here; generous for CI)."""
 STALL_TIMEOUT = 60.0
 """Seconds the worker may say nothing (no token, no end) while replies wait for it:
-reading a character's prompt takes about 5 s on one core; past this it is hung."""
+reading a character's prompt takes about 2 s on one core; past this it is hung."""
 PROMPTS_KEPT = 32
 """System prompts remembered per worker as read (a hint for choosing a worker: its
 256 MB cache may have dropped the oldest since)."""
