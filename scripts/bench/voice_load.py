@@ -1,8 +1,9 @@
 """The voice part's third phase: N sessions at once on ``create_app`` in this process,
 STT and TTS embedded, the LLM the built-in responder (or embedded: ``--load-llm``).
 
-Sessions start 0.1 s apart, once ``/v1/ready`` says the models are warm; each says the question and keeps streaming silence until
-its reply is done or ``LOAD_WINDOW`` after its end of speech. A task sleeping 10 ms
+Sessions start 0.1 s apart, once ``/v1/ready`` says the models are warm; each says
+the question and keeps streaming silence until its reply is done or ``LOAD_WINDOW``
+after its end of speech. A task sleeping 10 ms
 again and again records how late it wakes (2 s idle first, as a baseline). STT lag =
 arrival of an STT-driven event minus the send time of the audio it is about
 (``audio_start_ms`` of speech_started, ``audio_end_ms`` of speech_stopped, a
