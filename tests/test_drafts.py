@@ -126,7 +126,7 @@ async def test_when_the_person_goes_on_the_draft_is_dropped_and_the_whole_turn_a
 
     assert transcript.startswith("what is your name") and "sea" in transcript
     assert reply == f"You said: {transcript}."  # never the first sentence alone
-    assert counted == {"used": 1, "dropped": 1}
+    assert counted["used"] == 1 and counted["dropped"] >= 1  # (a pause mid-sentence: more)
 
 
 async def test_without_preemptive_generation_the_reply_starts_at_the_end_of_the_turn(
