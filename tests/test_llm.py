@@ -19,6 +19,7 @@ from tests.fakes.openai_chat import (
     call,
     drop,
     failure,
+    garbled,
     stall,
     text,
     tool_calls,
@@ -320,6 +321,16 @@ async def test_a_stream_that_ends_early_but_cleanly_is_reported(
 
     with pytest.raises(BackendUnavailable, match="ended before the model finished"):
         await reply(llm, user("Hi"))
+
+
+async def test_a_chunk_that_is_not_a_completion_chunk_is_a_clear_error(
+    fake_openai: FakeOpenAI, llm: OpenAICompatibleLLM
+) -> None:
+    fake_openai.script(garbled({"choices": "not a list"}))
+
+    with pytest.raises(BackendUnavailable, match="not a chat.completion.chunk") as raised:
+        await reply(llm, user("Hi"))
+    assert "OpenAI-compatible" in str(raised.value)
 
 
 async def test_a_refused_api_key_is_not_retried_and_says_which_option(

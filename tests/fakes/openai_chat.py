@@ -84,7 +84,15 @@ class Stall:
     pieces: tuple[str, ...]
 
 
-Reply = Text | ToolCalls | Failure | Drop | Stall
+@dataclass(frozen=True)
+class Garbled:
+    """A chunk that is JSON but not a ``chat.completion.chunk`` (a server that is not
+    OpenAI-compatible, or a broken one), then the end of the stream."""
+
+    chunk: object
+
+
+Reply = Text | ToolCalls | Failure | Drop | Stall | Garbled
 
 
 def text(*pieces: str) -> Text:
@@ -109,6 +117,10 @@ def drop(*pieces: str, abrupt: bool = True) -> Drop:
 
 def stall(*pieces: str) -> Stall:
     return Stall(pieces)
+
+
+def garbled(chunk: object) -> Garbled:
+    return Garbled(chunk)
 
 
 # ── the server ───────────────────────────────────────────────────────────────
@@ -203,8 +215,10 @@ class FakeOpenAI:
         await response.write_eof()
         return response
 
-    def _chunks(self, reply: Reply, chunks: _Chunks) -> list[dict[str, Any]]:
+    def _chunks(self, reply: Reply, chunks: _Chunks) -> list[Any]:
         match reply:
+            case Garbled(chunk):
+                return [chunk]
             case Text(pieces) | Drop(pieces) | Stall(pieces):
                 out = [chunks.delta({"role": "assistant", "content": ""})]
                 out += [chunks.delta({"content": piece}) for piece in pieces]
